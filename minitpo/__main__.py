@@ -1,0 +1,3 @@
+from minitpo.cli import main
+
+main()

@@ -1,0 +1,234 @@
+"""The TPO loop: for each iteration, sample -> judge -> pair -> train -> save (TPO.md steps 1-8).
+
+This is the one place where the whole algorithm is visible. Each stage reads the previous stage's
+files in `iter-N/` and writes its own, atomically; a stage whose output exists is skipped, so a
+killed run resumes from the last finished stage. The run directory is the source of truth:
+
+  recipe.yaml          the resolved recipe          held_out.jsonl   instructions kept for eval
+  metrics.jsonl        one line per iteration
+  iter-N/candidates.jsonl  sample   K outputs per instruction, split into thought and response
+  iter-N/scores.jsonl      judge    raw judge score, response length, length-controlled score
+  iter-N/pairs.jsonl       pair     chosen/rejected with the reference log-probs of M_{N-1}
+  iter-N/adapter/          train    the LoRA adapter of M_N (peft format)
+  iter-N/train_log.jsonl   train    one line per optimizer update
+  iter-N/train_summary.json train   epochs, best epoch (written last: marks training done)
+  iter-N/summary.json      the iteration's numbers (written last: marks the iteration done)
+"""
+
+import dataclasses
+import gc
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import click
+import torch
+import yaml
+
+from minitpo import io
+from minitpo.config import Recipe, recipe_to_dict
+from minitpo.data import Instruction, load_instructions, split_instructions
+from minitpo.errors import UserError
+from minitpo.judge import judge_responses
+from minitpo.model import load_policy, pick_device, save_adapter
+from minitpo.pairs import Pair, build_pairs, control_length
+from minitpo.prompts import load_template
+from minitpo.sample import Candidate, eos_token_ids, sample_candidates
+from minitpo.train import reference_logps, tokenize_pairs, train_adapter
+
+
+def run(recipe: Recipe, fresh: bool = False) -> Path:
+    """Run (or resume) every iteration of `recipe` in `recipe.out`; return the run directory."""
+    out = Path(recipe.out)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    _claim_run_dir(out, recipe)
+    template = load_template(recipe.thought.template, recipe.thought.marker)
+    data = recipe.data
+    held_out, slices = split_instructions(
+        load_instructions(data.instructions), data.per_iteration, data.held_out, recipe.iterations, data.seed
+    )
+    io.write_jsonl(out / "held_out.jsonl", [dataclasses.asdict(i) for i in held_out])
+
+    policy = Policy(recipe, out)
+    for t, instructions in enumerate(slices, start=1):
+        it = out / f"iter-{t}"
+        if (it / "summary.json").exists():
+            continue
+        summary = run_iteration(t, it, instructions, template, recipe, policy)
+        io.write_json(it / "summary.json", summary)
+        io.write_jsonl(out / "metrics.jsonl", [io.read_json(out / f"iter-{s}" / "summary.json") for s in range(1, t + 1)])
+        click.echo(_summary_line(summary))
+    return out
+
+
+def run_iteration(t: int, it: Path, instructions: list[Instruction], template, recipe: Recipe, policy) -> dict:
+    times = io.read_json(it / "stages.json") if (it / "stages.json").exists() else {}
+
+    def stage(name, path, work):
+        """Run `work()` unless its output file exists; record its wall time."""
+        if not Path(path).exists():
+            t0 = time.perf_counter()
+            work()
+            times[name] = round(time.perf_counter() - t0, 2)
+            io.write_json(it / "stages.json", times)
+
+    # 1-3. Sample K thought+response candidates per fresh instruction from M_{t-1}; split them.
+    def sample():
+        model, tokenizer = policy.at(t - 1)
+        candidates = sample_candidates(model, tokenizer, instructions, template, recipe.sampling,
+                                       seed=recipe.sampling.seed + t, system_prompt=recipe.thought.system_prompt)
+        io.write_jsonl(it / "candidates.jsonl", [dataclasses.asdict(c) for c in candidates])
+    stage("sample", it / "candidates.jsonl", sample)
+    candidates = [Candidate(**row) for row in io.read_jsonl(it / "candidates.jsonl")]
+
+    # 4-5. The judge scores responses only (never thoughts); length control normalises per instruction.
+    def judge():
+        policy.free_cache()
+        parsed = [c for c in candidates if c.parsed]
+        raw_scores = judge_responses(recipe.judge, [c.instruction for c in parsed], [c.response for c in parsed])
+        raw = {(c.instruction_id, c.index): s for c, s in zip(parsed, raw_scores)}
+        final = control_length(candidates, raw, recipe.judge.rho)
+        io.write_jsonl(it / "scores.jsonl", [
+            {"instruction_id": c.instruction_id, "index": c.index, "score": raw[(c.instruction_id, c.index)],
+             "response_length": len(c.response), "final": final[(c.instruction_id, c.index)]}
+            for c in parsed
+        ])
+    stage("judge", it / "scores.jsonl", judge)
+    scores = io.read_jsonl(it / "scores.jsonl")
+    raw = {(s["instruction_id"], s["index"]): s["score"] for s in scores}
+    final = {(s["instruction_id"], s["index"]): s["final"] for s in scores}
+
+    # 6. Best vs worst become pairs; reference log-probs come from M_{t-1}, once, before training.
+    def pair():
+        model, tokenizer = policy.at(t - 1)
+        pairs = build_pairs(candidates, raw, final)
+        examples, _ = tokenize_pairs(tokenizer, pairs, recipe.train.max_length, policy.eos_id)
+        kept = [e for e in examples if e is not None]
+        refs = iter(reference_logps(model, kept, tokenizer.pad_token_id, recipe.train, policy.device))
+        rows = []
+        for p, e in zip(pairs, examples):
+            ref = next(refs) if e is not None else (None, None)
+            rows.append({**dataclasses.asdict(p), "skipped": e is None,
+                         "ref_chosen_logps": ref[0], "ref_rejected_logps": ref[1]})
+        io.write_jsonl(it / "pairs.jsonl", rows)
+    stage("pair", it / "pairs.jsonl", pair)
+    pair_rows = io.read_jsonl(it / "pairs.jsonl")
+
+    # 7. DPO on this iteration's pairs only: M_{t-1} -> M_t.
+    def train():
+        model, tokenizer = policy.at(t - 1)
+        rows = [r for r in pair_rows if not r["skipped"]]
+        pairs = [Pair(**{k: r[k] for k in Pair.__dataclass_fields__}) for r in rows]
+        examples, _ = tokenize_pairs(tokenizer, pairs, recipe.train.max_length, policy.eos_id)
+        refs = [(r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in rows]
+        log_rows = []
+        result = train_adapter(model, examples, refs, tokenizer.pad_token_id, recipe.train, policy.device,
+                               log=log_rows.append) if examples else {"updates": 0, "epochs": [], "best_epoch": None}
+        save_adapter(model, it / "adapter")
+        io.write_jsonl(it / "train_log.jsonl", log_rows)
+        io.write_json(it / "train_summary.json", result)
+        policy.trained = t
+    stage("train", it / "train_summary.json", train)
+
+    return summarize(t, candidates, scores, pair_rows, io.read_jsonl(it / "train_log.jsonl"),
+                     io.read_json(it / "train_summary.json"), times, recipe)
+
+
+class Policy:
+    """The policy model, loaded lazily and kept across iterations. `at(t)` returns the model as M_t:
+    in memory when iteration t's training just ran, else loaded with iter-t's adapter (resume)."""
+
+    def __init__(self, recipe: Recipe, out: Path):
+        self.recipe, self.out, self.device = recipe, out, pick_device()
+        self.model = self.tokenizer = None
+        self.trained = None  # the iteration whose adapter the in-memory model holds
+
+    def at(self, t: int):
+        if self.model is None or self.trained != t:
+            self.model = None
+            gc.collect()
+            adapter = self.out / f"iter-{t}" / "adapter" if t > 0 else None
+            self.model, self.tokenizer = load_policy(self.recipe.policy, adapter, self.device)
+            if _checkpointing(self.recipe):
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.trained = t
+        return self.model, self.tokenizer
+
+    @property
+    def eos_id(self) -> int:
+        return eos_token_ids(self.model, self.tokenizer)[0]
+
+    def free_cache(self):
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _checkpointing(recipe: Recipe) -> bool:
+    on = recipe.train.gradient_checkpointing
+    return recipe.policy.quantization == "nf4" if on is None else on
+
+
+def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, times, recipe) -> dict:
+    parsed = [c for c in candidates if c.parsed]
+    by_key = {(c.instruction_id, c.index): c for c in candidates}
+    raw = {(s["instruction_id"], s["index"]): s["score"] for s in scores}
+    trained = [r for r in pair_rows if not r["skipped"]]
+    last_epoch = [r for r in log_rows if r["epoch"] == (train_summary.get("epochs") or [{}])[-1].get("epoch")]
+
+    def mean(xs):
+        xs = list(xs)
+        return round(statistics.fmean(xs), 4) if xs else None
+
+    return {
+        "iteration": t,
+        "instructions": len({c.instruction_id for c in candidates}),
+        "candidates": len(candidates),
+        "parse_rate": mean(c.parsed for c in candidates),
+        "truncated_rate": mean(c.truncated for c in candidates),
+        "judge_score": mean(s["score"] for s in scores),
+        "thought_chars": mean(len(c.thought) for c in parsed),
+        "response_chars": mean(len(c.response) for c in parsed),
+        "rho": recipe.judge.rho,
+        "pairs": len(pair_rows),
+        "pairs_trained": len(trained),
+        "pairs_skipped_too_long": len(pair_rows) - len(trained),
+        "rejected_parse_failures": sum(not r["rejected_parsed"] for r in pair_rows),
+        "chosen_score": mean(raw[(r["instruction_id"], r["chosen_index"])] for r in pair_rows),
+        "rejected_score": mean(raw[(r["instruction_id"], r["rejected_index"])] for r in pair_rows if r["rejected_parsed"]),
+        "chosen_response_chars": mean(len(by_key[(r["instruction_id"], r["chosen_index"])].response) for r in pair_rows),
+        "rejected_response_chars": mean(len(by_key[(r["instruction_id"], r["rejected_index"])].response)
+                                        for r in pair_rows if r["rejected_parsed"]),
+        "train_loss": mean(r["loss"] for r in last_epoch),
+        "reward_accuracy": mean(r["reward_accuracy"] for r in last_epoch),
+        "reward_margin": mean(r["margin"] for r in last_epoch),
+        "best_epoch": train_summary.get("best_epoch"),
+        "stage_wall_s": times,
+    }
+
+
+def _summary_line(s: dict) -> str:
+    def f(x, spec):
+        return "-" if x is None else format(x, spec)
+    return (f"iter {s['iteration']}: parse {f(s['parse_rate'], '.2f')} | score {f(s['judge_score'], '.2f')} | "
+            f"pairs {s['pairs_trained']}/{s['instructions']} | thought {f(s['thought_chars'], '.0f')} "
+            f"resp {f(s['response_chars'], '.0f')} chars | loss {f(s['train_loss'], '.3f')} "
+            f"acc {f(s['reward_accuracy'], '.2f')} | {sum(s['stage_wall_s'].values()):.1f} s")
+
+
+def _claim_run_dir(out: Path, recipe: Recipe) -> None:
+    """Write recipe.yaml, or check that an existing run directory holds the same recipe (resume)."""
+    resolved = recipe_to_dict(recipe)
+    path = out / "recipe.yaml"
+    if path.exists():
+        before = yaml.safe_load(path.read_text(encoding="utf-8"))
+        differ = sorted(k for k in set(before) | set(resolved)
+                        if k not in ("iterations", "out") and before.get(k) != resolved.get(k))
+        if differ:
+            raise UserError(
+                f"out: {str(out)!r} holds a run of a different recipe (sections differ: {', '.join(differ)}); "
+                "pass --fresh to start over or --out to use another directory"
+            )
+    io.write_text(path, yaml.safe_dump(resolved, sort_keys=False))

@@ -1,0 +1,136 @@
+"""The policy: load it (4-bit NF4 or full precision), attach a LoRA adapter, save the adapter.
+
+Consumes a `PolicyConfig` and optionally the adapter folder a previous iteration saved. Produces a
+peft model (the base frozen, only LoRA weights trainable) and its tokenizer. The reference model of
+DPO is never loaded separately: reference log-probs are computed once per iteration with this same
+model before training (see train.py), so only one copy of the base ever sits in memory.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from minitpo.config import PolicyConfig
+from minitpo.errors import UserError
+from minitpo.io import write_dir
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(cfg: PolicyConfig, device: str) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def load_tokenizer(model: str):
+    source, gguf_file = _source(model)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked out, so any id will do
+    return tokenizer
+
+
+def load_policy(cfg: PolicyConfig, adapter_dir: str | Path | None = None, device: str | None = None):
+    """(model, tokenizer). With `adapter_dir`, the saved adapter is loaded trainable, so iteration t+1
+    continues from the adapter iteration t trained; without it, a fresh LoRA (B = 0: the model equals
+    its base) is attached."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    device = device or pick_device()
+    dtype = compute_dtype(cfg, device)
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+        base = _load_base(cfg, device, dtype)
+    except OSError as e:
+        raise UserError(
+            f"policy.model: {cfg.model!r} could not be loaded ({str(e).splitlines()[0][:160]}); "
+            "give a local model folder, a .gguf file, or a Hub id reachable from here"
+        ) from None
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    else:
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+        )
+        try:
+            model = get_peft_model(base, lora)
+        except ValueError as e:
+            raise UserError(f"policy.target_modules: {list(cfg.target_modules)} ({e}); name linear layers of this model") from None
+    return model, tokenizer
+
+
+def save_adapter(model, path: str | Path) -> None:
+    """Only the LoRA weights and their config: loadable with `peft.PeftModel.from_pretrained`."""
+    write_dir(path, lambda tmp: model.save_pretrained(tmp))
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """A copy of the adapter weights (small), e.g. to keep the best epoch in memory."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def _source(model: str) -> tuple[str, str | None]:
+    """(folder or Hub id, gguf file name or None): transformers reads a GGUF as folder + file name."""
+    if model.endswith(".gguf"):
+        path = Path(model)
+        return str(path.parent), path.name
+    return model, None
+
+
+def _load_base(cfg: PolicyConfig, device: str, dtype: torch.dtype):
+    source, gguf_file = _source(cfg.model)
+    if cfg.quantization == "none":
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=dtype)
+        _clear_gguf_marking(model)
+        return model.to(device)
+    if gguf_file:
+        # bitsandbytes quantizes while loading safetensors; a GGUF is dequantized by transformers
+        # first, so we convert it once into a cached HF folder and quantize that.
+        source = _gguf_as_folder(cfg.model)
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=bnb, dtype=dtype, device_map={"": device}
+    )
+
+
+def _clear_gguf_marking(model) -> None:
+    # transformers tags a GGUF-loaded model with a quantizer that refuses save_pretrained; the
+    # weights are already plain tensors, so the tag can go.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
+def _gguf_as_folder(gguf_path: str) -> str:
+    stat = os.stat(gguf_path)
+    key = hashlib.sha1(f"{os.path.abspath(gguf_path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = Path(os.environ.get("MINITPO_CACHE", Path.home() / ".cache" / "minitpo")) / f"{Path(gguf_path).stem}-{key}"
+    if not (folder / "config.json").exists():
+        source, gguf_file = _source(gguf_path)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+        _clear_gguf_marking(model)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+
+        def fill(tmp):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        write_dir(folder, fill)
+    return str(folder)

@@ -1,0 +1,92 @@
+"""Length control and chosen/rejected selection (TPO.md steps 5 and 6).
+
+Consumes, per instruction, its K candidates with their raw judge scores. Produces at most one `Pair`
+per instruction: chosen = the best length-controlled score, rejected = a parse failure when there is
+one, else the worst score. Pure functions: no model, no I/O.
+"""
+
+import statistics
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Pair:
+    instruction_id: int
+    prompt: str
+    chosen: str  # full output text: thought + marker + response
+    rejected: str
+    chosen_score: float  # length-controlled score s_i
+    rejected_score: float | None  # None when the rejected side is a parse failure
+    chosen_index: int
+    rejected_index: int
+    rejected_parsed: bool
+    rejected_truncated: bool  # no EOS is appended to a truncated output when training
+
+
+def normalise(values: list[float]) -> list[float]:
+    """Zero mean, unit (population) std; all zeros when every value is the same."""
+    mean = statistics.fmean(values)
+    std = statistics.pstdev(values)
+    return [0.0 if std == 0 else (v - mean) / std for v in values]
+
+
+def length_controlled_scores(scores: list[float], lengths: list[float], rho: float) -> list[float]:
+    """s_i = norm(score)_i - rho * norm(length)_i over one instruction's parsed responses (TPO.md step 5).
+
+    Example: scores [2, 4, 6] and lengths [10, 20, 60] normalise to [-1.22, 0, 1.22] and
+    [-0.93, -0.46, 1.39]; with rho = 0.5, s = [-0.76, 0.23, 0.53]."""
+    return [s - rho * length for s, length in zip(normalise(scores), normalise(lengths))]
+
+
+def control_length(candidates, raw: dict[tuple[int, int], float], rho: float) -> dict[tuple[int, int], float]:
+    """Length-controlled score s_i for every parsed candidate, normalised within its instruction.
+    Keys are (instruction_id, candidate index); response length is counted in characters."""
+    final = {}
+    for group in _by_instruction(candidates):
+        parsed = [c for c in group if c.parsed]
+        if parsed:
+            keys = [(c.instruction_id, c.index) for c in parsed]
+            s = length_controlled_scores([raw[k] for k in keys], [len(c.response) for c in parsed], rho)
+            final.update(zip(keys, s))
+    return final
+
+
+def build_pairs(candidates, raw: dict[tuple[int, int], float], final: dict[tuple[int, int], float]) -> list[Pair]:
+    """One pair per instruction that has a preference.
+
+    `raw` and `final` map (instruction_id, candidate index) -> the judge's score and the
+    length-controlled score, for parsed candidates. A parse failure ranks below every parsed
+    candidate, so it becomes the rejected side when present (the lowest-index failure, for
+    determinism). No pair when no candidate parsed, or when the judge gave every parsed candidate the
+    same score and there is no failure to reject."""
+    pairs = []
+    for group in _by_instruction(candidates):
+        parsed = [c for c in group if c.parsed]
+        failed = [c for c in group if not c.parsed]
+        if not parsed:
+            continue
+        keys = [(c.instruction_id, c.index) for c in parsed]
+        s, r = [final[k] for k in keys], [raw[k] for k in keys]
+        best = max(range(len(parsed)), key=lambda j: (s[j], -j))
+        if failed:
+            rejected, rejected_score = failed[0], None
+        elif max(r) - min(r) <= 1e-9 or max(s) == min(s):
+            continue  # a tie: the judge expressed no preference
+        else:
+            worst = min(range(len(parsed)), key=lambda j: (s[j], j))
+            rejected, rejected_score = parsed[worst], s[worst]
+        chosen = parsed[best]
+        pairs.append(Pair(
+            instruction_id=chosen.instruction_id, prompt=chosen.prompt, chosen=chosen.text,
+            rejected=rejected.text, chosen_score=s[best], rejected_score=rejected_score,
+            chosen_index=chosen.index, rejected_index=rejected.index,
+            rejected_parsed=rejected.parsed, rejected_truncated=rejected.truncated,
+        ))
+    return pairs
+
+
+def _by_instruction(candidates) -> list[list]:
+    groups: dict[int, list] = {}
+    for c in candidates:
+        groups.setdefault(c.instruction_id, []).append(c)
+    return list(groups.values())

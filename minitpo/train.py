@@ -1,0 +1,220 @@
+"""The adapter update: DPO on one iteration's pairs, in plain PyTorch (forward, loss, backward, step, log).
+
+Consumes the policy (peft model), the iteration's `Pair`s and a `TrainConfig`. Produces the trained
+adapter (in place), one log row per optimizer update, and a summary. The reference model is the same
+model at the start of the iteration: `reference_logps` runs it once, without gradients, before any
+update, and the numbers travel with the pairs, so no second copy of the model is ever held.
+
+Sequences: prompt + completion (thought + marker + response + EOS); only completion tokens are
+scored. A batch of B pairs is one forward over 2B right-padded rows: chosen rows, then rejected rows.
+"""
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from minitpo.config import TrainConfig
+from minitpo.logps import sequence_logps
+from minitpo.loss import nll_loss, preference_loss
+from minitpo.model import load_trainable_state, trainable_state
+
+MIN_PROMPT_TOKENS = 16  # a pair that would keep fewer prompt tokens than this is skipped instead
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised pair, already truncated to `max_length`."""
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+    @property
+    def n_tokens(self) -> int:
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+def tokenize_pairs(tokenizer, pairs, max_length: int, eos_id: int):
+    """([Example or None per pair], n_prompt_truncated). None marks a skipped pair: its longer
+    completion leaves fewer than MIN_PROMPT_TOKENS of room for the prompt. Deterministic, so the
+    reference and the policy see exactly the same tokens."""
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    examples, n_truncated = [], 0
+    for p in pairs:
+        prompt = encode(p.prompt)
+        chosen = encode(p.chosen) + [eos_id]
+        rejected = encode(p.rejected) + ([] if p.rejected_truncated else [eos_id])
+        room = max_length - max(len(chosen), len(rejected))
+        if room < min(MIN_PROMPT_TOKENS, len(prompt)):
+            examples.append(None)
+            continue
+        if room < len(prompt):
+            prompt, n_truncated = prompt[-room:], n_truncated + 1  # keep the end: the instruction's tail and the turn marker
+        examples.append(Example(prompt, chosen, rejected))
+    return examples, n_truncated
+
+
+def collate(examples: list[Example], pad_id: int):
+    """input_ids, attention_mask, completion_mask, each (2B, T): chosen rows then rejected rows."""
+    rows = [(e.prompt_ids, e.chosen_ids) for e in examples] + [(e.prompt_ids, e.rejected_ids) for e in examples]
+    width = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for r, (prompt, completion) in enumerate(rows):
+        n = len(prompt) + len(completion)
+        input_ids[r, :n] = torch.tensor(prompt + completion)
+        attention_mask[r, :n] = 1
+        completion_mask[r, len(prompt):n] = True
+    return input_ids, attention_mask, completion_mask
+
+
+def _autocast(device: str):
+    # bf16 autocast on CUDA halves activation memory; on CPU we stay in float32 (bf16 matmuls are slow there).
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+
+
+def _forward(model, examples, pad_id, device, chunk):
+    """(logps (2B,), n_tokens (2B,)) for the chosen rows then the rejected rows."""
+    input_ids, attention_mask, completion_mask = (t.to(device) for t in collate(examples, pad_id))
+    with _autocast(device):
+        return sequence_logps(model, input_ids, attention_mask, completion_mask, chunk_size=chunk)
+
+
+@torch.no_grad()
+def reference_logps(model, examples: list[Example], pad_id: int, cfg: TrainConfig, device: str):
+    """[(ref_chosen_logps, ref_rejected_logps)] per example, from the model as it is now (M_t)."""
+    was_training = model.training
+    model.eval()  # dropout off: the reference is a deterministic function of M_t
+    out = []
+    for batch in tqdm(_length_batches(examples, cfg.batch_size), desc="reference", unit="batch", dynamic_ncols=True):
+        logps, _ = _forward(model, [examples[i] for i in batch], pad_id, device, cfg.logps_chunk)
+        b = len(batch)
+        out += [(i, logps[j].item(), logps[b + j].item()) for j, i in enumerate(batch)]
+    model.train(was_training)
+    return [(c, r) for _, c, r in sorted(out)]
+
+
+def _length_batches(examples, batch_size: int) -> list[list[int]]:
+    """Indices grouped by length, so rows in a batch need little padding."""
+    order = sorted(range(len(examples)), key=lambda i: examples[i].n_tokens)
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _lr_factor(update: int, total: int, cfg: TrainConfig) -> float:
+    warmup = int(cfg.warmup_ratio * total)
+    if update < warmup:
+        return (update + 1) / warmup
+    progress = (update - warmup) / max(1, total - warmup)
+    return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[cfg.schedule]
+
+
+def _optimizer(params, cfg: TrainConfig, device: str):
+    if device == "cuda":
+        import bitsandbytes as bnb  # paged 8-bit AdamW: optimizer state in 8 bits, paged to host on spikes
+
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _batch_loss(model, examples, refs, pad_id, cfg: TrainConfig, device):
+    """Mean loss over the batch and its metrics. refs: (B, 2) reference log-probs."""
+    logps, n_tokens = _forward(model, examples, pad_id, device, cfg.logps_chunk)
+    b = len(examples)
+    ref = torch.tensor(refs, dtype=torch.float32, device=logps.device)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        cfg.loss, logps[:b], logps[b:], ref[:, 0], ref[:, 1], beta=cfg.beta, label_smoothing=cfg.label_smoothing
+    )
+    if cfg.nll_weight > 0:
+        losses = losses + cfg.nll_weight * nll_loss(logps[:b], n_tokens[:b])
+    metrics = {
+        "loss": losses.detach().sum().item(),
+        "chosen_reward": chosen_rewards.sum().item(),
+        "rejected_reward": rejected_rewards.sum().item(),
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float().sum().item(),
+        "margin": (chosen_rewards - rejected_rewards).sum().item(),
+    }
+    return losses.mean(), metrics
+
+
+@torch.no_grad()
+def evaluate(model, examples, refs, pad_id, cfg: TrainConfig, device) -> dict:
+    """Mean DPO loss and reward accuracy on held-out pairs (dropout off)."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    for batch in _length_batches(examples, cfg.batch_size):
+        _, metrics = _batch_loss(model, [examples[i] for i in batch], [refs[i] for i in batch], pad_id, cfg, device)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v
+    model.train(was_training)
+    return {k: v / len(examples) for k, v in totals.items()}
+
+
+def train_adapter(model, examples: list[Example], refs: list[tuple[float, float]], pad_id: int,
+                  cfg: TrainConfig, device: str, log=None) -> dict:
+    """Train the adapter in place on (example, reference log-probs) pairs; return the summary.
+    `log(row)` receives one dict per optimizer update."""
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    n_val = int(len(order) * cfg.val_fraction)
+    val, train = order[:n_val], order[n_val:]
+    train_ex, train_refs = [examples[i] for i in train], [refs[i] for i in train]
+    val_ex, val_refs = [examples[i] for i in val], [refs[i] for i in val]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, cfg, device)
+    batches = _length_batches(train_ex, cfg.batch_size)
+    updates_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
+    total_updates = cfg.epochs * updates_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: _lr_factor(u, total_updates, cfg))
+
+    model.train()
+    update, epochs, best = 0, [], None
+    bar = tqdm(total=total_updates, desc="train", unit="step", dynamic_ncols=True)
+    for epoch in range(1, cfg.epochs + 1):
+        rng.shuffle(batches)  # length buckets stay together; their order changes every epoch
+        for start in range(0, len(batches), cfg.grad_accum):
+            group = batches[start:start + cfg.grad_accum]
+            n_pairs = sum(len(b) for b in group)
+            t0, sums, n_tok = time.perf_counter(), {}, 0
+            for batch in group:
+                ex = [train_ex[i] for i in batch]
+                loss, metrics = _batch_loss(model, ex, [train_refs[i] for i in batch], pad_id, cfg, device)
+                (loss * len(batch) / n_pairs).backward()  # weight by pairs: every pair counts the same
+                n_tok += sum(e.n_tokens for e in ex)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            update += 1
+            row = {"epoch": epoch, "step": update, **{k: v / n_pairs for k, v in sums.items()},
+                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_s": n_tok / (time.perf_counter() - t0)}
+            if log:
+                log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['reward_accuracy']:.2f}")
+        summary = {"epoch": epoch}
+        if val_ex:
+            summary.update({f"val_{k}": v for k, v in evaluate(model, val_ex, val_refs, pad_id, cfg, device).items()})
+            if best is None or summary["val_loss"] < best[0]:
+                best = (summary["val_loss"], epoch, trainable_state(model))
+        epochs.append(summary)
+    bar.close()
+    best_epoch = cfg.epochs
+    if best is not None and best[1] != cfg.epochs:
+        load_trainable_state(model, best[2])  # the paper keeps the best epoch, not the last
+        best_epoch = best[1]
+    return {"n_train_pairs": len(train_ex), "n_val_pairs": len(val_ex), "updates": update,
+            "epochs": epochs, "best_epoch": best_epoch}
