@@ -158,8 +158,9 @@ class Recipe:
 PATH_KEYS = {"policy.model", "data.instructions", "judge.model", "judge.prompt", "thought.template", "out"}
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a recipe, apply `key=value` overrides, validate, and check that named files exist."""
+def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool = True) -> Recipe:
+    """Read a recipe, apply `key=value` overrides, validate, and check that named files exist
+    (`check_files=False` validates a recipe whose models are not downloaded yet)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe: {str(path)!r} does not exist; give the path of a recipe .yaml file")
@@ -176,7 +177,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         _apply_override(raw, item)
     raw.setdefault("out", str(Path("runs") / path.stem))
     recipe = _build(Recipe, raw, prefix="")
-    _check_files(recipe)
+    if check_files:
+        _check_files(recipe)
     return recipe
 
 
@@ -237,7 +239,7 @@ def _build(cls, raw, prefix: str):
     for key in raw:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean {prefix}{close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            hint = f"did you mean {prefix + close[0]!r}?" if close else f"known keys: {', '.join(known)}"
             raise UserError(f"{prefix}{key}: unknown recipe key; {hint}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -276,6 +278,11 @@ def _coerce(value, tp, key: str):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise UserError(f"{key}: {value!r} has the wrong type; expected a list of names")
         return tuple(value)
+    if tp is float and isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
+        except ValueError:
+            pass
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

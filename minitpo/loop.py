@@ -41,14 +41,14 @@ from minitpo.train import reference_logps, tokenize_pairs, train_adapter
 def run(recipe: Recipe, fresh: bool = False) -> Path:
     """Run (or resume) every iteration of `recipe` in `recipe.out`; return the run directory."""
     out = Path(recipe.out)
+    template = load_template(recipe.thought.template, recipe.thought.marker)
+    data = recipe.data
+    held_out, slices = split_instructions(  # fails on a bad or short file before anything is written
+        load_instructions(data.instructions), data.per_iteration, data.held_out, recipe.iterations, data.seed
+    )
     if fresh and out.exists():
         shutil.rmtree(out)
     _claim_run_dir(out, recipe)
-    template = load_template(recipe.thought.template, recipe.thought.marker)
-    data = recipe.data
-    held_out, slices = split_instructions(
-        load_instructions(data.instructions), data.per_iteration, data.held_out, recipe.iterations, data.seed
-    )
     io.write_jsonl(out / "held_out.jsonl", [dataclasses.asdict(i) for i in held_out])
 
     policy = Policy(recipe, out)

@@ -1,0 +1,68 @@
+"""Length control and pair selection (minitpo/pairs.py), on hand-computed numbers."""
+
+import math
+
+import pytest
+
+from minitpo.pairs import build_pairs, control_length, length_controlled_scores, normalise
+from minitpo.sample import Candidate
+
+
+def cand(iid, k, response, parsed=True, truncated=False):
+    return Candidate(instruction_id=iid, instruction=f"q{iid}", prompt=f"P{iid}", index=k,
+                     text=f"t{k} <R> {response}", thought=f"t{k}", response=response if parsed else "",
+                     parsed=parsed, n_tokens=5, truncated=truncated)
+
+
+def test_length_control_by_hand():
+    # scores [2, 4, 6]: mean 4, population std sqrt(8/3) = 1.63299 -> [-1.22474, 0, 1.22474]
+    # lengths [10, 20, 60]: mean 30, std sqrt((400 + 100 + 900) / 3) = 21.60247 -> [-0.92582, -0.46291, 1.38873]
+    s = length_controlled_scores([2, 4, 6], [10, 20, 60], rho=0.5)
+    assert s == pytest.approx([-1.22474 + 0.46291, 0 + 0.23146, 1.22474 - 0.69437], abs=1e-4)
+    assert length_controlled_scores([2, 4, 6], [10, 20, 60], rho=0.0) == pytest.approx([-1.22474, 0, 1.22474], abs=1e-4)
+
+
+def test_normalise_constant_values_gives_zeros():
+    assert normalise([3.0, 3.0, 3.0]) == [0.0, 0.0, 0.0]
+
+
+def test_rho_flips_the_choice_towards_the_shorter_response():
+    # The longest response has the best raw score; with strong length control the middle one wins.
+    cands = [cand(0, 0, "x" * 10), cand(0, 1, "x" * 20), cand(0, 2, "x" * 60)]
+    raw = {(0, 0): 2.0, (0, 1): 5.9, (0, 2): 6.0}
+    (p0,) = build_pairs(cands, raw, control_length(cands, raw, rho=0.0))
+    assert (p0.chosen_index, p0.rejected_index) == (2, 0)
+    (p5,) = build_pairs(cands, raw, control_length(cands, raw, rho=0.5))
+    assert p5.chosen_index == 1
+
+
+def test_parse_failures_serve_as_rejected():
+    cands = [cand(0, 0, "a"), cand(0, 1, "bb"), cand(0, 2, "", parsed=False, truncated=True), cand(0, 3, "", parsed=False)]
+    raw = {(0, 0): 1.0, (0, 1): 3.0}
+    (p,) = build_pairs(cands, raw, control_length(cands, raw, 0.0))
+    assert p.chosen_index == 1 and p.rejected_index == 2  # lowest-index failure
+    assert not p.rejected_parsed and p.rejected_truncated and p.rejected_score is None
+
+
+def test_single_parsed_candidate_pairs_with_a_failure():
+    cands = [cand(0, 0, "only"), cand(0, 1, "", parsed=False)]
+    raw = {(0, 0): 4.0}
+    (p,) = build_pairs(cands, raw, control_length(cands, raw, 0.3))
+    assert (p.chosen_index, p.rejected_index) == (0, 1)
+
+
+def test_no_pair_without_parsed_candidates_or_with_ties():
+    failures = [cand(0, 0, "", parsed=False), cand(0, 1, "", parsed=False)]
+    ties = [cand(1, 0, "short"), cand(1, 1, "much longer response")]
+    raw = {(1, 0): 5.0, (1, 1): 5.0}
+    # rho > 0 would separate the tie by length alone: the judge still expressed no preference.
+    assert build_pairs(failures + ties, raw, control_length(failures + ties, raw, rho=0.5)) == []
+
+
+def test_pairs_per_instruction_and_prompt_kept():
+    cands = [cand(0, 0, "a"), cand(0, 1, "b"), cand(1, 0, "c"), cand(1, 1, "d")]
+    raw = {(0, 0): 1.0, (0, 1): 2.0, (1, 0): 9.0, (1, 1): 3.0}
+    pairs = build_pairs(cands, raw, control_length(cands, raw, 0.0))
+    assert [(p.instruction_id, p.chosen_index, p.rejected_index) for p in pairs] == [(0, 1, 0), (1, 0, 1)]
+    assert pairs[0].prompt == "P0" and pairs[0].chosen == "t1 <R> b"  # full output, thought included
+    assert math.isclose(pairs[1].chosen_score, 1.0) and math.isclose(pairs[1].rejected_score, -1.0)

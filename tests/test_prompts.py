@@ -1,0 +1,75 @@
+"""The thought templates and the thought/response split (minitpo/prompts.py)."""
+
+import pytest
+
+from minitpo.errors import UserError
+from minitpo.prompts import DIRECT, GENERIC, SPECIFIC, build_messages, build_prompt, load_template, split_output
+
+
+def test_generic_split_strips_the_thought_prefix():
+    text = "Here is my thought process: plan it. Here is my response: The answer."
+    assert split_output(text, GENERIC) == ("plan it.", "The answer.")
+
+
+def test_specific_split_on_r_marker():
+    assert split_output("draft: x. evaluation: fine. <R> Final answer", SPECIFIC) == (
+        "draft: x. evaluation: fine.", "Final answer")
+
+
+@pytest.mark.parametrize("text", [
+    "no marker at all",                                       # the model ignored the format
+    "thoughts <R>",                                           # empty response
+    "thoughts <R>   \n ",                                     # whitespace-only response
+    "a <R> b <R> c",                                          # two markers: ambiguous split
+    "",
+])
+def test_specific_parse_failures(text):
+    assert split_output(text, SPECIFIC) is None
+
+
+def test_generic_thought_after_response_is_a_failure():
+    text = "Here is my response: hi Here is my thought process: oops"
+    assert split_output(text, GENERIC) is None
+
+
+def test_response_never_contains_marker_or_thought():
+    text = "Here is my thought process: secret plan Here is my response: visible"
+    thought, response = split_output(text, GENERIC)
+    assert "Here is my response:" not in response and "secret plan" not in response
+    assert thought == "secret plan"
+
+
+def test_empty_thought_is_allowed_for_generic():
+    assert split_output("Here is my response: just this", GENERIC) == ("", "just this")
+
+
+def test_direct_template_has_no_thought():
+    assert split_output("  The answer.  ", DIRECT) == ("", "The answer.")
+    assert split_output("   ", DIRECT) is None
+
+
+def test_prompt_goes_through_the_chat_template(tiny_tokenizer):
+    prompt = build_prompt(tiny_tokenizer, GENERIC, "Name a colour.")
+    assert "User query: Name a colour." in prompt
+    assert prompt.startswith("<|im_start|>user") and prompt.rstrip().endswith("<|im_start|>assistant")
+
+
+def test_system_prompt_variant_moves_the_instructions():
+    system, user = build_messages(GENERIC, "Name a colour.", system_prompt=True)
+    assert system["role"] == "system" and "Here is my response:" in system["content"]
+    assert "{instruction}" not in system["content"] and "User query" not in system["content"]
+    assert user == {"role": "user", "content": "Name a colour."}
+
+
+def test_custom_template_file(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("Think, then answer after ANSWER:\n{instruction}")
+    t = load_template(str(path), marker="ANSWER:")
+    assert split_output("hmm ANSWER: 42", t) == ("hmm", "42")
+    with pytest.raises(UserError, match="thought.marker"):
+        load_template(str(path), marker=None)
+    with pytest.raises(UserError, match="does not appear"):
+        load_template(str(path), marker="<R>")
+    (tmp_path / "bad.txt").write_text("no placeholder")
+    with pytest.raises(UserError, match="placeholder"):
+        load_template(str(tmp_path / "bad.txt"), marker="x")
