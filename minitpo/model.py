@@ -105,9 +105,31 @@ def _load_base(cfg: PolicyConfig, device: str, dtype: torch.dtype):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
     )
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         source, quantization_config=bnb, dtype=dtype, device_map={"": device}
     )
+    disable_bnb_cpu_weight_packing(model)
+    return model
+
+
+def disable_bnb_cpu_weight_packing(model) -> None:
+    """Keep every 4-bit layer on bitsandbytes' differentiable path, on CPU too. Call before any forward.
+
+    bitsandbytes >= 0.48 on CPUs with AVX512-BF16: the first eval-mode forward whose input needs no
+    grad (generate, reference log-probs) permanently swaps each Linear4bit weight for a bf16 "packed"
+    layout served by `gemv_4bit`, which has no autograd. Training afterwards then either crashes
+    (layers with bias, e.g. Qwen2: the in-place `result += bias` on a view) or, worse, silently drops
+    the gradient through every base layer (no bias, e.g. Llama). With the flag off, every forward
+    uses the MatMul4Bit path in `bnb_4bit_compute_dtype`, in sampling and training alike. The flag is
+    read only for CPU inputs, so this changes nothing on CUDA."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            assert not getattr(module.weight.quant_state, "packing_format_for_cpu", False), (
+                "a Linear4bit was already repacked for CPU inference; call this before the first forward"
+            )
+            module.support_avx512bf16_for_cpu = False
 
 
 def _clear_gguf_marking(model) -> None:
