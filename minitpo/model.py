@@ -133,12 +133,10 @@ def disable_bnb_cpu_weight_packing(model) -> None:
 
 
 def _clear_gguf_marking(model) -> None:
-    # transformers tags a GGUF-loaded model with a quantizer that refuses save_pretrained; the
-    # weights are already plain tensors, so the tag can go.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
+    # transformers tags a GGUF-loaded model with a quantizer that refuses save_pretrained (and training
+    # frameworks); the weights are already dequantized plain tensors, so the tag can go.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
 
 
 def _gguf_as_folder(gguf_path: str) -> str:
