@@ -31,7 +31,7 @@ from minitpo.config import Recipe, recipe_to_dict
 from minitpo.data import Instruction, load_instructions, split_instructions
 from minitpo.errors import UserError
 from minitpo.judge import judge_responses
-from minitpo.model import load_policy, pick_device, save_adapter
+from minitpo.model import enable_checkpointing, load_policy, pick_device, save_adapter
 from minitpo.pairs import Pair, build_pairs, control_length
 from minitpo.prompts import load_template
 from minitpo.sample import Candidate, eos_token_ids, sample_candidates
@@ -152,7 +152,7 @@ class Policy:
             adapter = self.out / f"iter-{t}" / "adapter" if t > 0 else None
             self.model, self.tokenizer = load_policy(self.recipe.policy, adapter, self.device)
             if _checkpointing(self.recipe):
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_checkpointing(self.model)
             self.trained = t
         return self.model, self.tokenizer
 

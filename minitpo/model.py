@@ -66,6 +66,17 @@ def load_policy(cfg: PolicyConfig, adapter_dir: str | Path | None = None, device
     return model, tokenizer
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each layer's activations in backward instead of storing them (non-reentrant, so the
+    frozen 4-bit base needs no input-grad hooks)."""
+    base = model.get_base_model()
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        base.activation_checkpointing_enable(kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def save_adapter(model, path: str | Path) -> None:
     """Only the LoRA weights and their config: loadable with `peft.PeftModel.from_pretrained`."""
     write_dir(path, lambda tmp: model.save_pretrained(tmp))
