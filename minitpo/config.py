@@ -89,11 +89,12 @@ class JudgeConfig:
     function: str | None = None  # python: "module:callable" or "file.py:callable", f(instr, resp) -> float
     n_ctx: int = 4096  # judge context; instruction + response must fit
     n_gpu_layers: int = -1  # llama.cpp layers offloaded to the GPU; -1 = all, 0 = CPU only
-    rho: float = 0.0  # length control strength in [0, 0.5] (TPO.md step 5); 0 = off
+    rho: float | Literal["auto"] = 0.0  # length control in [0, 0.5] (TPO.md step 5); auto = tuned per iteration
     prompt: str | None = None  # judge prompt template file with {instruction} and {response}
 
     def __post_init__(self):
-        _check(0 <= self.rho <= 0.5, "judge.rho", self.rho, "use a value in [0, 0.5] (paper's range)")
+        if self.rho != "auto":
+            _check(0 <= self.rho <= 0.5, "judge.rho", self.rho, "use a value in [0, 0.5] (paper's range) or auto")
         _check(self.n_ctx >= 64, "judge.n_ctx", self.n_ctx, "use 64 or more (4096 is typical)")
         if self.type == "llama_cpp" and not self.model:
             raise UserError("judge.model: missing; the llama_cpp judge needs the path of a GGUF file")

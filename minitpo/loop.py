@@ -32,7 +32,7 @@ from minitpo.data import Instruction, load_instructions, split_instructions
 from minitpo.errors import UserError
 from minitpo.judge import judge_responses
 from minitpo.model import enable_checkpointing, load_policy, pick_device, save_adapter
-from minitpo.pairs import Pair, build_pairs, control_length
+from minitpo.pairs import Pair, auto_rho, build_pairs, control_length
 from minitpo.prompts import load_template
 from minitpo.sample import Candidate, eos_token_ids, sample_candidates
 from minitpo.train import reference_logps, tokenize_pairs, train_adapter
@@ -89,10 +89,11 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
         parsed = [c for c in candidates if c.parsed]
         raw_scores = judge_responses(recipe.judge, [c.instruction for c in parsed], [c.response for c in parsed])
         raw = {(c.instruction_id, c.index): s for c, s in zip(parsed, raw_scores)}
-        final = control_length(candidates, raw, recipe.judge.rho)
+        rho = auto_rho(candidates, raw) if recipe.judge.rho == "auto" else recipe.judge.rho
+        final = control_length(candidates, raw, rho)
         io.write_jsonl(it / "scores.jsonl", [
             {"instruction_id": c.instruction_id, "index": c.index, "score": raw[(c.instruction_id, c.index)],
-             "response_length": len(c.response), "final": final[(c.instruction_id, c.index)]}
+             "response_length": len(c.response), "rho": rho, "final": final[(c.instruction_id, c.index)]}
             for c in parsed
         ])
     stage("judge", it / "scores.jsonl", judge)
@@ -191,7 +192,7 @@ def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, times, 
         "judge_score": mean(s["score"] for s in scores),
         "thought_chars": mean(len(c.thought) for c in parsed),
         "response_chars": mean(len(c.response) for c in parsed),
-        "rho": recipe.judge.rho,
+        "rho": scores[0]["rho"] if scores else None,
         "pairs": len(pair_rows),
         "pairs_trained": len(trained),
         "pairs_skipped_too_long": len(pair_rows) - len(trained),

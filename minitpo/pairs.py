@@ -85,6 +85,28 @@ def build_pairs(candidates, raw: dict[tuple[int, int], float], final: dict[tuple
     return pairs
 
 
+RHO_GRID = [i / 20 for i in range(11)]  # 0, 0.05, ..., 0.5: the paper's range
+
+
+def auto_rho(candidates, raw: dict[tuple[int, int], float]) -> float:
+    """The smallest rho on RHO_GRID for which the mean chosen response is not longer than the mean
+    rejected one (how the paper tunes it, TPO.md step 5); 0.5 when none is. Only pairs whose rejected
+    side parsed have a response length to compare; with none, rho = 0."""
+    for rho in RHO_GRID:
+        chosen, rejected = pair_lengths(candidates, build_pairs(candidates, raw, control_length(candidates, raw, rho)))
+        if not chosen or statistics.fmean(chosen) <= statistics.fmean(rejected):
+            return rho
+    return RHO_GRID[-1]
+
+
+def pair_lengths(candidates, pairs) -> tuple[list[int], list[int]]:
+    """Response lengths (characters) of chosen and rejected sides, over pairs whose rejected parsed."""
+    length = {(c.instruction_id, c.index): len(c.response) for c in candidates}
+    kept = [p for p in pairs if p.rejected_parsed]
+    return ([length[(p.instruction_id, p.chosen_index)] for p in kept],
+            [length[(p.instruction_id, p.rejected_index)] for p in kept])
+
+
 def _by_instruction(candidates) -> list[list]:
     groups: dict[int, list] = {}
     for c in candidates:

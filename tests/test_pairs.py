@@ -66,3 +66,26 @@ def test_pairs_per_instruction_and_prompt_kept():
     assert [(p.instruction_id, p.chosen_index, p.rejected_index) for p in pairs] == [(0, 1, 0), (1, 0, 1)]
     assert pairs[0].prompt == "P0" and pairs[0].chosen == "t1 <R> b"  # full output, thought included
     assert math.isclose(pairs[1].chosen_score, 1.0) and math.isclose(pairs[1].rejected_score, -1.0)
+
+
+def test_auto_rho_picks_the_smallest_rho_that_stops_favouring_length():
+    from minitpo.pairs import RHO_GRID, auto_rho, pair_lengths
+
+    # Instruction 0: the judge prefers the longest response a little (5.0 vs 4.8 vs 1.0).
+    # Instruction 1: no length bias (the short one wins). Lengths are in characters.
+    cands = [cand(0, 0, "x" * 10), cand(0, 1, "x" * 12), cand(0, 2, "x" * 100),
+             cand(1, 0, "y" * 10), cand(1, 1, "y" * 40)]
+    raw = {(0, 0): 1.0, (0, 1): 4.8, (0, 2): 5.0, (1, 0): 6.0, (1, 1): 2.0}
+    # rho = 0: chosen lengths [100, 10] vs rejected [10, 40] -> mean 55 > 25: too long.
+    # Instruction 0 by hand: scores [1, 4.8, 5] have mean 3.6, std 1.8403 -> z = [-1.4128, 0.6521, 0.7607];
+    # lengths [10, 12, 100] have mean 40.667, std 41.963 -> z = [-0.7308, -0.6831, 1.4139].
+    # s_1 - s_2 = -0.1086 + rho * 2.0970 > 0 once rho > 0.0518: on the grid, 0.05 still picks the
+    # 100-char response and 0.1 picks the 12-char one: chosen [12, 10] vs rejected [10, 40] -> 11 <= 25.
+    assert auto_rho(cands, raw) == 0.1
+    chosen, rejected = pair_lengths(cands, build_pairs(cands, raw, control_length(cands, raw, 0.05)))
+    assert chosen == [100, 10] and rejected == [10, 40]
+    chosen, rejected = pair_lengths(cands, build_pairs(cands, raw, control_length(cands, raw, 0.1)))
+    assert chosen == [12, 10] and rejected == [10, 40]
+    unbiased = {(0, 0): 5.0, (0, 1): 4.8, (0, 2): 1.0, (1, 0): 6.0, (1, 1): 2.0}
+    assert auto_rho(cands, unbiased) == 0.0
+    assert RHO_GRID[0] == 0.0 and RHO_GRID[-1] == 0.5
