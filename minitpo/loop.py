@@ -49,7 +49,8 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     if fresh and out.exists():
         shutil.rmtree(out)
     _claim_run_dir(out, recipe)
-    io.write_jsonl(out / "held_out.jsonl", [dataclasses.asdict(i) for i in held_out])
+    if not (out / "held_out.jsonl").exists():
+        io.write_jsonl(out / "held_out.jsonl", [dataclasses.asdict(i) for i in held_out])
 
     policy = Policy(recipe, out)
     for t, instructions in enumerate(slices, start=1):
@@ -232,4 +233,6 @@ def _claim_run_dir(out: Path, recipe: Recipe) -> None:
                 f"out: {str(out)!r} holds a run of a different recipe (sections differ: {', '.join(differ)}); "
                 "pass --fresh to start over or --out to use another directory"
             )
+        if before == resolved:
+            return
     io.write_text(path, yaml.safe_dump(resolved, sort_keys=False))
