@@ -199,7 +199,7 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
         holder = raw.get(section) if section else raw
         if not isinstance(holder, dict) or not isinstance(holder.get(name), str) or key == "out":
             continue
-        value = holder[name]
+        value = holder[name] = os.path.expanduser(holder[name])
         candidate = base / value
         if not Path(value).is_absolute() and (candidate.exists() or _looks_like_path(value)):
             holder[name] = str(candidate.resolve())
