@@ -118,10 +118,11 @@ def test_help_for_every_command():
 
 
 def _tiny_recipe_with(tmp_path, replace):
-    text = (ROOT / "recipes" / "tiny.yaml").read_text().replace("tiny/", f"{TINY}/")
+    text = (ROOT / "recipes" / "tiny.yaml").read_text()
     for old, new in replace.items():
         assert old in text, old
         text = text.replace(old, new)
+    text = text.replace(": tiny/", f": {TINY}/")
     path = tmp_path / "r.yaml"
     path.write_text(text)
     return path
