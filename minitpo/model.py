@@ -29,8 +29,7 @@ def compute_dtype(cfg: PolicyConfig, device: str) -> torch.dtype:
 
 
 def load_tokenizer(model: str):
-    source, gguf_file = _source(model)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(_source(model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is always masked out, so any id will do
     return tokenizer
@@ -94,24 +93,17 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
-def _source(model: str) -> tuple[str, str | None]:
-    """(folder or Hub id, gguf file name or None): transformers reads a GGUF as folder + file name."""
-    if model.endswith(".gguf"):
-        path = Path(model)
-        return str(path.parent), path.name
-    return model, None
+def _source(model: str) -> str:
+    """A folder or Hub id that transformers loads fast. A GGUF file is converted once into a cached HF
+    folder: transformers dequantizes a GGUF on every load (a minute for 270M params on CPU), and
+    bitsandbytes can only quantize while loading safetensors."""
+    return _gguf_as_folder(model) if model.endswith(".gguf") else model
 
 
 def _load_base(cfg: PolicyConfig, device: str, dtype: torch.dtype):
-    source, gguf_file = _source(cfg.model)
+    source = _source(cfg.model)
     if cfg.quantization == "none":
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=dtype)
-        _clear_gguf_marking(model)
-        return model.to(device)
-    if gguf_file:
-        # bitsandbytes quantizes while loading safetensors; a GGUF is dequantized by transformers
-        # first, so we convert it once into a cached HF folder and quantize that.
-        source = _gguf_as_folder(cfg.model)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
     bnb = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
@@ -153,12 +145,13 @@ def _clear_gguf_marking(model) -> None:
 def _gguf_as_folder(gguf_path: str) -> str:
     stat = os.stat(gguf_path)
     key = hashlib.sha1(f"{os.path.abspath(gguf_path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    folder = Path(os.environ.get("MINITPO_CACHE", Path.home() / ".cache" / "minitpo")) / f"{Path(gguf_path).stem}-{key}"
+    cache = Path(os.environ.get("MINITPO_CACHE", Path.home() / ".cache" / "minitpo"))
+    folder = cache / f"{Path(gguf_path).stem}-{key}"
     if not (folder / "config.json").exists():
-        source, gguf_file = _source(gguf_path)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+        path = Path(gguf_path)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         _clear_gguf_marking(model)
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
         def fill(tmp):
             model.save_pretrained(tmp)
