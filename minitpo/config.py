@@ -73,6 +73,7 @@ class SamplingConfig:
     max_new_tokens: int = 1024  # thought + response; a candidate that hits it is a parse failure
     batch_size: int = 64  # sequences generated at once; lower it if sampling runs out of memory
     seed: int = 0  # iteration t samples with seed + t
+    engine: Literal["fast", "generate"] = "fast"  # fast: minitpo/engine.py; generate: plain transformers
 
     def __post_init__(self):
         _check(self.k >= 2, "sampling.k", self.k, "use 2 or more: a pair needs two candidates")

@@ -26,7 +26,7 @@ import click
 import torch
 import yaml
 
-from minitpo import io
+from minitpo import engine, io
 from minitpo.config import Recipe, recipe_to_dict
 from minitpo.data import Instruction, load_instructions, split_instructions
 from minitpo.errors import UserError
@@ -81,6 +81,7 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
         candidates = sample_candidates(model, tokenizer, instructions, template, recipe.sampling,
                                        seed=recipe.sampling.seed + t, system_prompt=recipe.thought.system_prompt)
         io.write_jsonl(it / "candidates.jsonl", [dataclasses.asdict(c) for c in candidates])
+        engine.release()  # the sampling copy, KV cache and CUDA graph go before the judge loads
     stage("sample", it / "candidates.jsonl", sample)
     candidates = [Candidate(**row) for row in io.read_jsonl(it / "candidates.jsonl")]
 

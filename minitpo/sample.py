@@ -40,9 +40,12 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 def sample_candidates(model, tokenizer, instructions, template: Template, cfg, seed: int,
                       system_prompt: bool = False, engine=None) -> list[Candidate]:
-    """K candidates for each instruction. `engine` is a `generate_tokens`-style function; the default
-    is plain transformers `generate` (see minitpo/engine.py for the fast one)."""
-    engine = engine or generate_tokens
+    """K candidates for each instruction. `engine` is a `generate_tokens`-style function; by default
+    the recipe's `sampling.engine`: the fast sampler of minitpo/engine.py, or plain `generate` below."""
+    if engine is None:
+        from minitpo import engine as fast
+
+        engine = fast.generate_tokens if cfg.engine == "fast" else generate_tokens
     prompts = [build_prompt(tokenizer, template, ins.text, system_prompt) for ins in instructions]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     jobs = [(i, k) for i in range(len(instructions)) for k in range(cfg.k)]

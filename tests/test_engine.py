@@ -1,0 +1,213 @@
+"""minitpo.engine against transformers itself: greedy tokens equal `generate` (Llama, Qwen2 with
+q/k/v bias, Gemma3 with sliding-window layers, LoRA, NF4 + LoRA, and the low-memory path that samples
+from the policy in place), continuous batching changes nothing, LoRA updates reach a cached engine,
+and sampled tokens follow HF's temperature + top-p distribution (HF's own warpers are the reference).
+All on CPU; the CUDA paths (bf16 copy, CUDA graphs, torch.compile) were exercised on an H100 by hand."""
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Gemma3ForCausalLM, Gemma3TextConfig,
+                          LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from minitpo import engine
+from minitpo.engine import build_sampling_model, generate_tokens, release, sample_next
+
+PAD = 0
+# different lengths (1 to 9) so the batch is left-padded; no PAD inside
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [21], [22, 23, 24, 25],
+           [26, 27, 28, 29, 30, 31], [32, 33, 34], [35, 36, 37, 38, 39, 40, 41]]
+MAX_NEW = 14
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# init 0.2 (HF uses 0.02): logits far apart, so fp32 rounding differences don't flip a greedy argmax
+SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, pad_token_id=PAD)
+
+
+def tiny(kind, seed=0):
+    torch.manual_seed(seed)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**SIZES)).eval()
+    if kind == "qwen2":  # q/k/v bias, untied head
+        return Qwen2ForCausalLM(Qwen2Config(**SIZES, tie_word_embeddings=False)).eval()
+    # Gemma3: a sliding layer with window 4 (prompts + new tokens are longer) and a full layer
+    cfg = Gemma3TextConfig(**SIZES, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"])
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def hf_greedy(model, prompts, eos):
+    """`generate` on a left-padded batch, cut at the first EOS: [(new tokens, stopped at EOS)]."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
+                         eos_token_id=eos or None, pad_token_id=PAD)[:, width:].tolist()
+    result = []
+    for row in out:
+        cut = next((i for i, t in enumerate(row) if t in eos), None)
+        result.append((row, False) if cut is None else (row[:cut], True))
+    return result
+
+
+def pick_eos(model, prompts):
+    """A token that greedy decoding emits mid-sequence for some prompts but not all, so the
+    comparison covers both EOS stops and max_new_tokens cuts."""
+    rows = [r for r, _ in hf_greedy(model, prompts, [])]
+    for tok in sorted({t for r in rows for t in r[1:-1]}):
+        if 0 < sum(tok in r[1:] for r in rows) < len(rows):
+            return [tok]
+    raise AssertionError("no usable EOS token in the greedy outputs")
+
+
+def engine_greedy(model, prompts, eos, batch_size):
+    return generate_tokens(model, prompts, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
+                           eos_token_ids=eos, pad_token_id=PAD, batch_size=batch_size, seed=0)
+
+
+def lora(model, seed=1, dropout=0.0):
+    """Non-zero B (init_lora_weights=False), so the adapter changes the outputs."""
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False, lora_dropout=dropout)
+    return get_peft_model(model, cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+def test_greedy_matches_generate(kind):
+    model = tiny(kind)
+    eos = pick_eos(model, PROMPTS)
+    expected = hf_greedy(model, PROMPTS, eos)
+    assert any(s for _, s in expected) and not all(s for _, s in expected)
+    assert engine_greedy(model, PROMPTS, eos, batch_size=len(PROMPTS)) == expected
+
+
+def test_greedy_matches_generate_lora_and_follows_updates():
+    model = lora(tiny("qwen2"))
+    eos = pick_eos(model, PROMPTS)
+    with model.disable_adapter():
+        base_out = hf_greedy(model, PROMPTS, eos)
+    expected = hf_greedy(model, PROMPTS, eos)
+    assert expected != base_out, "the adapter should change the greedy outputs"
+    assert engine_greedy(model, PROMPTS, eos, batch_size=8) == expected
+    # a training step changes the LoRA weights in place; the cached engine must see it
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-1.5)
+    expected = hf_greedy(model, PROMPTS, eos)
+    assert engine_greedy(model, PROMPTS, eos, batch_size=8) == expected
+    release()
+
+
+def test_in_place_sampling_matches_generate(monkeypatch):
+    """When the GPU can't hold a dense copy the policy samples in place (LoRA unmerged); it must be
+    put in eval mode for sampling (LoRA dropout off) and handed back in the mode it came in."""
+    monkeypatch.setattr(engine, "_plan", lambda base, want, n_cols, device: (False, want))
+    model = lora(tiny("qwen2"), dropout=0.5)
+    eos = pick_eos(model, PROMPTS)
+    expected = hf_greedy(model, PROMPTS, eos)
+    model.train()
+    assert engine_greedy(model, PROMPTS, eos, batch_size=3) == expected
+    assert model.training and engine._cached[1].lm is model.get_base_model()
+    release()
+
+
+def nf4_policy(tmp_path):
+    tiny("qwen2").save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float32)
+
+
+def test_greedy_matches_generate_nf4_lora(tmp_path):
+    model = lora(nf4_policy(tmp_path))
+    # On CPUs with AVX512-BF16, bnb swaps in a bf16 kernel at the first eval forward; the engine's
+    # dense copy is fp32, so keep bnb on its fp32 path to compare tokens exactly.
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    eos = pick_eos(model, PROMPTS)
+    assert engine_greedy(model, PROMPTS, eos, batch_size=8) == hf_greedy(model, PROMPTS, eos)
+
+
+def test_dense_copy_of_nf4_survives_bnb_cpu_repacking(tmp_path):
+    """On CPUs with AVX512-BF16, bnb repacks NF4 weights in place at the policy's first eval
+    forward and keeps their block scales in bf16 from then on. The dense copy must follow: equal
+    to the fresh dequantized weights up to that rounding, 2**-8 of a block's absmax (bnb's own
+    inverse of the repacking scrambles the scales when in_features > blocksize)."""
+    model = lora(nf4_policy(tmp_path))
+    before = build_sampling_model(model, torch.float32, torch.device("cpu")).state_dict()
+    model(torch.tensor([PROMPTS[0]]))  # may repack
+    after = build_sampling_model(model, torch.float32, torch.device("cpu")).state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert (after[k] - before[k]).abs().max() <= 2**-8 * before[k].abs().max() + 1e-6, k
+
+
+def test_continuous_batching_changes_nothing():
+    """3 slots for 8 prompts: slots are refilled mid-run, results equal one batch of 8 and HF."""
+    model = tiny("llama")
+    eos = pick_eos(model, PROMPTS)
+    one_batch = engine_greedy(model, PROMPTS, eos, batch_size=8)
+    done = []
+    out = generate_tokens(model, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0, eos_token_ids=eos,
+                          pad_token_id=PAD, batch_size=3, seed=0, progress=done.append)
+    assert out == one_batch == hf_greedy(model, PROMPTS, eos)
+    assert sum(done) == len(PROMPTS)
+
+
+def hf_probs(logits, temperature, top_p):
+    """Reference: HF's own warpers, then softmax. logits (1, V) -> (V,)."""
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.softmax(-1)[0].double()
+
+
+def chi2_ok(counts, probs):
+    """Pearson chi-square of counts against probs at the 0.1% level. Bins with an expected count
+    under 5 are pooled (the usual validity rule); the 99.9% quantile comes from the
+    Wilson-Hilferty approximation, z = 3.09. The seeds are fixed, so the test is deterministic."""
+    n = counts.sum().item()
+    big = probs * n >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]]).double()
+    exp = torch.cat([probs[big], probs[~big].sum()[None]]) * n
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum().item()
+    df = keep.sum().item() - 1
+    return stat < df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_sample_next_follows_temperature_and_top_p():
+    logits = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -1.0, -4.0]])
+    probs = hf_probs(logits, 0.7, 0.9)  # top-p keeps 3 tokens here
+    assert (probs > 0).sum() == 3
+    n = 40_000
+    gen = torch.Generator().manual_seed(0)
+    toks = sample_next(logits.expand(n, -1), 0.7, 0.9, torch.rand(n, generator=gen))
+    counts = torch.bincount(toks, minlength=8)
+    assert counts[probs == 0].sum() == 0, "tokens outside the nucleus must never be drawn"
+    assert chi2_ok(counts, probs)
+    assert not chi2_ok(counts, hf_probs(logits, 1.0, 0.9)), "the test must tell temperature 0.7 from 1.0"
+
+
+def test_first_token_distribution_end_to_end():
+    """4,000 copies of one prompt, one new token each: the empirical distribution of that token
+    equals HF's temperature + top-p distribution over the model's logits."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**SIZES, "vocab_size": 32, "initializer_range": 0.15})).eval()
+    prompt = [5, 6, 7, 8]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[:, -1].float()  # (1, V)
+    temperature, top_p, n = 0.8, 0.9, 4000
+    probs = hf_probs(logits, temperature, top_p)
+    assert 3 <= (probs > 0).sum() < 32, "the nucleus should be a proper subset"
+    out = generate_tokens(model, [prompt] * n, max_new_tokens=1, temperature=temperature, top_p=top_p,
+                          eos_token_ids=[], pad_token_id=PAD, batch_size=1000, seed=0)
+    assert all(not stopped and len(toks) == 1 for toks, stopped in out)
+    counts = torch.bincount(torch.tensor([toks[0] for toks, _ in out]), minlength=32)
+    assert counts[probs == 0].sum() == 0, "tokens outside the nucleus must never be drawn"
+    assert chi2_ok(counts, probs)
+    assert not chi2_ok(counts, hf_probs(logits, 1.0, top_p)), "the test must tell temperature 0.8 from 1.0"
+    release()
