@@ -177,7 +177,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
         raise UserError(f"recipe: {path} is not valid YAML{at}; fix the syntax there") from None
     if not isinstance(raw, dict):
         raise UserError(f"recipe: {path} must be a mapping of sections (policy:, data:, ...), not {type(raw).__name__}")
-    raw = _resolve_packaged_models(raw)
+    if check_files:
+        raw = _resolve_packaged_models(raw)
     raw = _resolve_paths(raw, base=path.parent)
     for item in overrides:
         _apply_override(raw, item)
