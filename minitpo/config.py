@@ -85,13 +85,17 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    type: Literal["llama_cpp", "python"] = "llama_cpp"
-    model: str | None = None  # llama_cpp: the GGUF file of the judge
+    type: Literal["llama_cpp", "reward_model", "python"] = "llama_cpp"
+    mode: Literal["pointwise", "pairwise"] = "pointwise"  # llama_cpp: one score per response, or
+    #   every ordered pair of an instruction's responses (K(K-1) passes) fit with Bradley-Terry
+    model: str | None = None  # llama_cpp: the GGUF file; reward_model: Hub id or folder of a reward model
     function: str | None = None  # python: "module:callable" or "file.py:callable", f(instr, resp) -> float
     n_ctx: int = 4096  # judge context; instruction + response must fit
     n_gpu_layers: int = -1  # llama.cpp layers offloaded to the GPU; -1 = all, 0 = CPU only
     rho: float | Literal["auto"] = 0.0  # length control in [0, 0.5] (TPO.md step 5); auto = tuned per iteration
     prompt: str | None = None  # judge prompt template file with {instruction} and {response}
+    quantization: Literal["nf4", "none"] = "none"  # reward_model: load it 4-bit to save memory
+    batch_size: int = 16  # reward_model: responses scored per forward pass
 
     def __post_init__(self):
         if self.rho != "auto":
@@ -99,6 +103,11 @@ class JudgeConfig:
         _check(self.n_ctx >= 64, "judge.n_ctx", self.n_ctx, "use 64 or more (4096 is typical)")
         if self.type == "llama_cpp" and not self.model:
             raise UserError("judge.model: missing; the llama_cpp judge needs the path of a GGUF file")
+        if self.type == "reward_model" and not self.model:
+            raise UserError("judge.model: missing; the reward_model judge needs a Hub id or folder")
+        if self.mode == "pairwise" and self.type != "llama_cpp":
+            raise UserError(f"judge.mode: pairwise works with judge.type llama_cpp, not {self.type!r}; change one")
+        _check(self.batch_size >= 1, "judge.batch_size", self.batch_size, "use 1 or more")
         if self.type == "python" and (not self.function or ":" not in self.function):
             raise UserError(
                 f"judge.function: {self.function!r} is not 'module:callable'; "
