@@ -8,6 +8,7 @@ killed run resumes from the last finished stage. The run directory is the source
   metrics.jsonl        one line per iteration
   iter-N/candidates.jsonl  sample   K outputs per instruction, split into thought and response
   iter-N/scores.jsonl      judge    raw judge score, response length, length-controlled score
+  iter-N/judge_cache.jsonl judge    every judgement so far (a killed judge stage resumes from it)
   iter-N/pairs.jsonl       pair     chosen/rejected with the reference log-probs of M_{N-1}
   iter-N/adapter/          train    the LoRA adapter of M_N (peft format)
   iter-N/train_log.jsonl   train    one line per optimizer update
@@ -30,11 +31,12 @@ from minitpo import engine, io
 from minitpo.config import Recipe, recipe_to_dict
 from minitpo.data import Instruction, load_instructions, split_instructions
 from minitpo.errors import UserError
-from minitpo.judge import judge_responses
+from minitpo.judge import load_prompt_template
 from minitpo.model import enable_checkpointing, load_policy, pick_device, save_adapter
 from minitpo.pairs import Pair, auto_rho, build_pairs, control_length
 from minitpo.prompts import load_template
 from minitpo.sample import Candidate, eos_token_ids, sample_candidates
+from minitpo.scores import score_candidates
 from minitpo.train import reference_logps, tokenize_pairs, train_adapter
 
 
@@ -49,6 +51,8 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     if fresh and out.exists():
         shutil.rmtree(out)
     _claim_run_dir(out, recipe)
+    if recipe.judge.type == "llama_cpp" and recipe.judge.mode == "pointwise":
+        io.write_text(out / "judge_prompt.txt", load_prompt_template(recipe.judge.prompt))  # what the judge saw
     if not (out / "held_out.jsonl").exists():
         io.write_jsonl(out / "held_out.jsonl", [dataclasses.asdict(i) for i in held_out])
 
@@ -89,7 +93,8 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     def judge():
         policy.free_cache()
         parsed = [c for c in candidates if c.parsed]
-        raw_scores = judge_responses(recipe.judge, [c.instruction for c in parsed], [c.response for c in parsed])
+        raw_scores, stats = score_candidates(recipe.judge, parsed, it / "judge_cache.jsonl")
+        io.write_json(it / "judge_stats.json", stats)
         raw = {(c.instruction_id, c.index): s for c, s in zip(parsed, raw_scores)}
         rho = auto_rho(candidates, raw) if recipe.judge.rho == "auto" else recipe.judge.rho
         final = control_length(candidates, raw, rho)
@@ -136,7 +141,7 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     stage("train", it / "train_summary.json", train)
 
     return summarize(t, candidates, scores, pair_rows, io.read_jsonl(it / "train_log.jsonl"),
-                     io.read_json(it / "train_summary.json"), times, recipe)
+                     io.read_json(it / "train_summary.json"), io.read_json(it / "judge_stats.json"), times)
 
 
 class Policy:
@@ -174,7 +179,7 @@ def _checkpointing(recipe: Recipe) -> bool:
     return recipe.policy.quantization == "nf4" if on is None else on
 
 
-def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, times, recipe) -> dict:
+def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, judge_stats, times) -> dict:
     parsed = [c for c in candidates if c.parsed]
     by_key = {(c.instruction_id, c.index): c for c in candidates}
     raw = {(s["instruction_id"], s["index"]): s["score"] for s in scores}
@@ -208,6 +213,7 @@ def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, times, 
         "reward_accuracy": mean(r["reward_accuracy"] for r in last_epoch),
         "reward_margin": mean(r["margin"] for r in last_epoch),
         "best_epoch": train_summary.get("best_epoch"),
+        "position_consistency": judge_stats.get("position_consistency"),
         "stage_wall_s": times,
     }
 

@@ -112,3 +112,40 @@ def _by_instruction(candidates) -> list[list]:
     for c in candidates:
         groups.setdefault(c.instruction_id, []).append(c)
     return list(groups.values())
+
+
+def bradley_terry(wins, prior: float = 0.5, max_iter: int = 10_000, tol: float = 1e-10) -> list[float]:
+    """Bradley-Terry strengths e from a K x K battle matrix, wins[m][n] = times m beat n (TPO.md step 4).
+
+    Maximises sum_{m,n} B[m][n] * log sigmoid(e_m - e_n) (Bradley & Terry 1952), where
+    B = wins + `prior` pseudo-wins each way between every pair: the prior keeps the maximum finite
+    when a candidate is undefeated or never wins, and leaves ties exactly tied. Fit with Hunter's MM
+    algorithm (Hunter 2004, "MM algorithms for generalized Bradley-Terry models"), which increases the
+    likelihood every step: with p = exp(e), p_m <- W_m / sum_{n != m} N_mn / (p_m + p_n), W_m = sum_n
+    B[m][n] the wins of m and N_mn = B[m][n] + B[n][m] the games between m and n. Returns e, mean 0.
+
+    Example: wins [[0, 3], [1, 0]] gives B = [[0, 3.5], [1.5, 0]]; at the optimum
+    sigmoid(e_0 - e_1) = 3.5 / 5, so e_0 - e_1 = log(7/3) and e = [0.4236, -0.4236]."""
+    import numpy as np
+
+    b = np.asarray(wins, dtype=np.float64)
+    k = len(b)
+    assert b.shape == (k, k), f"wins must be a square matrix, got shape {b.shape}"
+    assert (b >= 0).all() and np.isfinite(b).all(), "wins must be finite and non-negative"
+    assert prior > 0, f"prior must be positive to keep scores finite, got {prior}"
+    if k < 2:
+        return [0.0] * k
+    off = ~np.eye(k, dtype=bool)
+    b = np.where(off, b + prior, 0.0)  # self-battles never count
+    w = b.sum(axis=1)  # (K,) wins of each candidate
+    n = b + b.T  # (K, K) games between each pair, 0 on the diagonal
+    log_p = np.zeros(k)
+    for _ in range(max_iter):
+        p = np.exp(log_p)
+        new = np.log(w) - np.log((n / (p[:, None] + p[None, :])).sum(axis=1))
+        new -= new.mean()  # strengths are defined up to a shift; keep the geometric mean of p at 1
+        done = np.abs(new - log_p).max() < tol
+        log_p = new
+        if done:
+            break
+    return [float(x) for x in log_p]
