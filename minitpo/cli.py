@@ -44,6 +44,23 @@ def report(run_dir):
     click.echo(f"wrote {write_report(run_dir)}")
 
 
+@cli.command(name="eval")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--model", help="The model to score: iter-N (default: the last finished iteration).")
+@click.option("--against", default="seed", show_default=True,
+              help="The model to compare with: seed (the base model, no adapter) or iter-N.")
+def eval_(run_dir, model, against):
+    """Win rate of --model against --against on RUN_DIR/held_out.jsonl, judged pairwise.
+
+    Each model writes one output per held-out instruction (the recipe's thought template, temperature
+    and sampling seed); the recipe's GGUF judge compares the responses only, in both orders. A format
+    failure loses to a parsed response; ties count half. Writes RUN_DIR/eval/MODEL-vs-AGAINST.json
+    (win rate, 95% bootstrap interval, parse rates, lengths, per category) and a .jsonl of the rows."""
+    from minitpo.evaluate import evaluate, summary_text
+
+    click.echo(summary_text(evaluate(run_dir, model, against)))
+
+
 @cli.command()
 @click.argument("path", type=click.Path())
 @click.option("--prompt", help="One message to answer; without it, read messages from stdin, one per line.")

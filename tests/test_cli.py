@@ -112,7 +112,7 @@ def test_resume_skips_finished_stages_and_redoes_a_killed_one(tiny_run, tmp_path
 def test_help_for_every_command():
     result = minitpo("--help")
     assert result.returncode == 0 and "think" in result.stdout
-    for command in ("run", "report", "chat", "export"):
+    for command in ("run", "eval", "report", "chat", "export"):
         sub = minitpo(command, "--help")
         assert sub.returncode == 0 and "Usage" in sub.stdout, sub.stderr
 

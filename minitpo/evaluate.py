@@ -1,0 +1,215 @@
+"""Evaluation: the win rate of one model of a run against another on the held-out instructions.
+
+Consumes a run directory: `recipe.yaml` (policy, thought template, sampling settings, judge),
+`held_out.jsonl` (instructions never trained on) and `iter-N/adapter/` for each model named "iter-N";
+"seed" is the base model with no adapter (a fresh LoRA has B = 0, so it equals the base).
+Produces `eval/{model}-vs-{against}.json` (the win rate with a 95% bootstrap interval, the mean judge
+probability, parse rates and response lengths, all per category too; `minitpo report` plots it) and
+`eval/{model}-vs-{against}.jsonl` (one row per instruction: both responses and the judge's p).
+
+As at inference (TPO.md), the judge sees responses only, never thoughts. Each model writes ONE output
+per instruction, sampled with the recipe's temperature and top-p, from the same seed. The pairwise
+judge (minitpo/pairwise.py) reads both orders of each pair to cancel position bias and returns
+p = P(model's response is better). An output that breaks the thought format (or hits
+max_new_tokens) has no response to show a user, so it loses to a parsed one without a judge call;
+two failures tie, and so do two identical responses.
+"""
+
+import dataclasses
+import gc
+import re
+import statistics
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minitpo import io
+from minitpo.config import Recipe, load_recipe
+from minitpo.data import Instruction
+from minitpo.errors import UserError
+from minitpo.prompts import load_template
+
+BOOTSTRAP_RESAMPLES = 2000  # the interval's ends move by ~0.01 between seeds at this count
+BOOTSTRAP_SEED = 0
+CI_LEVEL = 0.95
+
+
+# ---------------------------------------------------------------- the arithmetic (pure functions)
+
+def verdict(p: float) -> float:
+    """1 for a win (p > 0.5), 0.5 for a tie, 0 for a loss: a win rate counts ties as half a win."""
+    return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
+
+
+def bootstrap_interval(verdicts, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                       level: float = CI_LEVEL) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `verdicts`: resample the instructions with
+    replacement `resamples` times. The ends are clamped to include the estimate itself, which the
+    percentile method does not promise for tiny or lopsided samples (all wins gives (1.0, 1.0))."""
+    v = np.asarray(verdicts, dtype=np.float64)
+    assert v.size > 0, "bootstrap_interval needs at least one verdict"
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(axis=1)  # (resamples,)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    estimate = v.mean()
+    return float(min(low, estimate)), float(max(high, estimate))
+
+
+def win_rate_summary(ps) -> dict:
+    """n, win_rate, its interval and the mean p, from each instruction's p = P(model better)."""
+    verdicts = [verdict(p) for p in ps]
+    low, high = bootstrap_interval(verdicts)
+    return {"n": len(verdicts), "win_rate": statistics.fmean(verdicts), "ci_low": low, "ci_high": high,
+            "mean_p": statistics.fmean(ps)}
+
+
+def aggregate(rows: list[dict], model: str, against: str) -> dict:
+    """The result of an evaluation from its per-instruction rows (see `evaluate` for their keys)."""
+    def side(key_rows, who):
+        parsed = [r for r in key_rows if r[f"{who}_parsed"]]
+        return (statistics.fmean(r[f"{who}_parsed"] for r in key_rows),
+                statistics.fmean(len(r[f"{who}_response"]) for r in parsed) if parsed else None)
+
+    (model_parse, model_chars), (against_parse, against_chars) = side(rows, "model"), side(rows, "against")
+    categories = {}
+    for cat in sorted({r["category"] for r in rows}):
+        in_cat = [r for r in rows if r["category"] == cat]
+        categories[cat or "uncategorized"] = win_rate_summary([r["p"] for r in in_cat])
+    return {
+        "model": model, "against": against, **win_rate_summary([r["p"] for r in rows]),
+        "ties": sum(r["p"] == 0.5 for r in rows),
+        "judged": sum(r["judged"] for r in rows),  # the rest: format failures and identical responses
+        "parse_rate": {model: model_parse, against: against_parse},
+        "response_chars": {model: model_chars, against: against_chars},  # mean over parsed responses
+        "categories": categories,
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": CI_LEVEL},
+    }
+
+
+# ---------------------------------------------------------------- the run directory
+
+def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed") -> dict:
+    """Sample, judge and score `model` (default: the last finished iteration) against `against`;
+    write RUN_DIR/eval/{model}-vs-{against}.json and .jsonl; return the result."""
+    run_dir = Path(run_dir)
+    recipe = _read_recipe(run_dir)
+    instructions = _held_out(run_dir)
+    model = model or _last_iteration(run_dir)
+    for name, flag in ((model, "--model"), (against, "--against")):
+        _check_model(run_dir, name, flag)
+    if model == against:
+        raise UserError(f"--model and --against are both {model!r}; compare two different models")
+    template = load_template(recipe.thought.template, recipe.thought.marker)
+
+    # One policy in memory at a time: sample, then free it before the next model (and the judge) load.
+    outputs = {name: _sample_one(recipe, run_dir, name, instructions, template) for name in (model, against)}
+    ours, theirs = outputs[model], outputs[against]
+
+    # The judge only sees pairs of two different parsed responses. A format failure decides the rest,
+    # and identical responses (common at low temperature or early on: both sample from the same seed)
+    # tie exactly, where the judge's two orders would give 0.5 only up to rounding.
+    both = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a.parsed and b.parsed and a.response != b.response]
+    from minitpo.pairwise import compare
+
+    judged = compare(recipe.judge, [instructions[i].text for i in both],
+                     [ours[i].response for i in both], [theirs[i].response for i in both]) if both else []
+    ps = {i: float(p) for i, p in zip(both, judged)}
+    rows = []
+    for i, (ins, a, b) in enumerate(zip(instructions, ours, theirs)):
+        p = ps[i] if i in ps else 0.5 if a.parsed == b.parsed else float(a.parsed)
+        rows.append({"instruction_id": ins.id, "instruction": ins.text, "category": ins.category,
+                     "model_response": a.response, "against_response": b.response,
+                     "model_parsed": a.parsed, "against_parsed": b.parsed, "judged": i in ps, "p": p})
+
+    result = aggregate(rows, model, against)
+    stem = run_dir / "eval" / f"{model}-vs-{against}"
+    io.write_jsonl(stem.with_suffix(".jsonl"), rows)
+    io.write_json(stem.with_suffix(".json"), result)
+    return result
+
+
+def summary_text(r: dict) -> str:
+    """A few lines for the terminal."""
+    m, a = r["model"], r["against"]
+
+    def chars(x):
+        return "-" if x is None else f"{x:.0f}"
+    lines = [
+        f"{m} vs {a}: win rate {r['win_rate']:.3f} (95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}) "
+        f"over {r['n']} instructions, mean p {r['mean_p']:.3f}, ties {r['ties']}",
+        f"  parse rate {m} {r['parse_rate'][m]:.2f} / {a} {r['parse_rate'][a]:.2f} | "
+        f"response chars {m} {chars(r['response_chars'][m])} / {a} {chars(r['response_chars'][a])}",
+    ]
+    for cat, c in r["categories"].items():
+        lines.append(f"  {cat}: {c['win_rate']:.3f} ({c['ci_low']:.3f}-{c['ci_high']:.3f}), n {c['n']}")
+    return "\n".join(lines)
+
+
+def _sample_one(recipe: Recipe, run_dir: Path, name: str, instructions, template):
+    """One output per instruction from model `name`, with the recipe's sampling and seed."""
+    from minitpo import engine
+    from minitpo.model import load_policy
+    from minitpo.sample import sample_candidates
+
+    adapter = None if name == "seed" else run_dir / name / "adapter"
+    policy, tokenizer = load_policy(recipe.policy, adapter)
+    policy.eval()
+    # SamplingConfig insists on k >= 2 (training needs a pair); evaluation wants one output each.
+    one = types.SimpleNamespace(**{**dataclasses.asdict(recipe.sampling), "k": 1})
+    candidates = sample_candidates(policy, tokenizer, instructions, template, one, seed=recipe.sampling.seed,
+                                   system_prompt=recipe.thought.system_prompt)
+    engine.release()
+    del policy
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return candidates
+
+
+def _read_recipe(run_dir: Path) -> Recipe:
+    if not (run_dir / "recipe.yaml").is_file():
+        what = "does not exist" if not run_dir.exists() else "holds no recipe.yaml"
+        raise UserError(f"RUN_DIR: {str(run_dir)!r} {what}; give a run directory written by `minitpo run`")
+    recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)  # the run wrote absolute paths
+    judge = recipe.judge
+    if judge.type != "llama_cpp":
+        raise UserError(f"judge.type: {judge.type!r} in {run_dir / 'recipe.yaml'}; minitpo eval needs a "
+                        "llama_cpp (GGUF) judge to compare two responses; set judge.type and judge.model")
+    if not Path(judge.model).is_file():
+        raise UserError(f"judge.model: {judge.model!r} does not exist; put the GGUF judge back or fix recipe.yaml")
+    return recipe
+
+
+def _held_out(run_dir: Path) -> list[Instruction]:
+    path = run_dir / "held_out.jsonl"
+    rows = io.read_jsonl(path) if path.is_file() else []
+    if not rows:
+        raise UserError(f"{path}: no held-out instructions; set data.held_out (e.g. 100) in the recipe "
+                        "and start a new run with it")
+    return [Instruction(id=r["id"], text=r["text"], category=r.get("category", "")) for r in rows]
+
+
+def _iterations(run_dir: Path) -> list[int]:
+    """Finished iterations (their summary.json is written last), in order."""
+    found = (re.fullmatch(r"iter-(\d+)", p.parent.name) for p in run_dir.glob("iter-*/summary.json"))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def _last_iteration(run_dir: Path) -> str:
+    done = _iterations(run_dir)
+    if not done:
+        raise UserError(f"RUN_DIR: {str(run_dir)!r} has no finished iteration; run `minitpo run` until one finishes")
+    return f"iter-{done[-1]}"
+
+
+def _check_model(run_dir: Path, name: str, flag: str) -> None:
+    if name == "seed":
+        return
+    if not re.fullmatch(r"iter-\d+", name):
+        raise UserError(f"{flag}: {name!r} is not a model name; use seed or iter-N (e.g. iter-1)")
+    if not (run_dir / name / "adapter" / "adapter_config.json").is_file():
+        done = ", ".join(f"iter-{t}" for t in _iterations(run_dir)) or "none yet"
+        raise UserError(f"{flag}: {name!r} has no trained adapter in {run_dir}; finished iterations: {done}")

@@ -1,0 +1,173 @@
+"""`minitpo eval`: the win-rate and bootstrap arithmetic on hand-made verdicts, per-category
+aggregation, user errors, and the whole command through the real CLI on a tiny run (real sampling,
+real llama.cpp judge), followed by `minitpo report` picking the result up."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT
+from minitpo.errors import UserError
+from minitpo.evaluate import aggregate, bootstrap_interval, evaluate, verdict, win_rate_summary
+
+
+def minitpo(*args):
+    return subprocess.run([sys.executable, "-m", "minitpo", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+# ---------------------------------------------------------------- arithmetic
+
+def test_verdicts_count_ties_as_half():
+    assert [verdict(p) for p in (0.9, 0.51, 0.5, 0.49, 0.0, 1.0)] == [1.0, 1.0, 0.5, 0.0, 0.0, 1.0]
+    # 2 wins, 1 tie, 1 loss: (1 + 1 + 0.5 + 0) / 4
+    s = win_rate_summary([0.8, 0.6, 0.5, 0.1])
+    assert s["n"] == 4 and s["win_rate"] == pytest.approx(0.625)
+    assert s["mean_p"] == pytest.approx((0.8 + 0.6 + 0.5 + 0.1) / 4)
+
+
+def test_all_wins_and_all_losses_collapse_the_interval():
+    wins = win_rate_summary([0.7] * 10)
+    assert (wins["win_rate"], wins["ci_low"], wins["ci_high"]) == (1.0, 1.0, 1.0)
+    losses = win_rate_summary([0.2] * 10)
+    assert (losses["win_rate"], losses["ci_low"], losses["ci_high"]) == (0.0, 0.0, 0.0)
+
+
+def test_bootstrap_interval_matches_an_independent_resampling_and_contains_the_estimate():
+    verdicts = [1.0] * 30 + [0.5] * 10 + [0.0] * 20
+    low, high = bootstrap_interval(verdicts, resamples=2000, seed=0)
+    estimate = np.mean(verdicts)
+    assert 0 <= low < estimate < high <= 1
+    # Independent check: a plain-loop percentile bootstrap with the same generator gives the same ends.
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(verdicts), size=(2000, len(verdicts)))
+    means = sorted(sum(verdicts[j] for j in row) / len(row) for row in idx)
+    assert low == pytest.approx(np.percentile(means, 2.5)) and high == pytest.approx(np.percentile(means, 97.5))
+    # The normal approximation of a mean's 95% interval is close to it at n = 60.
+    half = 1.96 * np.std(verdicts) / np.sqrt(len(verdicts))
+    assert low == pytest.approx(estimate - half, abs=0.03) and high == pytest.approx(estimate + half, abs=0.03)
+    # Seeded: the same call twice gives the same interval; a single verdict gives a point.
+    assert bootstrap_interval(verdicts) == bootstrap_interval(verdicts)
+    assert bootstrap_interval([0.5]) == (0.5, 0.5)
+
+
+def row(i, category, p, model_parsed=True, against_parsed=True, model_response="abcd", against_response="ab"):
+    return {"instruction_id": i, "instruction": f"q{i}", "category": category, "p": p,
+            "model_response": model_response if model_parsed else "", "model_parsed": model_parsed,
+            "against_response": against_response if against_parsed else "", "against_parsed": against_parsed,
+            "judged": model_parsed and against_parsed}
+
+
+def test_aggregate_splits_by_category_and_reports_both_models():
+    rows = [row(0, "story", 0.9), row(1, "story", 0.5), row(2, "story", 1.0, against_parsed=False),
+            row(3, "explain", 0.2), row(4, "explain", 0.0, model_parsed=False), row(5, "", 0.7)]
+    r = aggregate(rows, "iter-2", "seed")
+    assert r["model"] == "iter-2" and r["against"] == "seed" and r["n"] == 6
+    assert r["win_rate"] == pytest.approx((1 + 0.5 + 1 + 0 + 0 + 1) / 6)
+    assert r["ties"] == 1 and r["judged"] == 4
+    assert r["parse_rate"] == {"iter-2": pytest.approx(5 / 6), "seed": pytest.approx(5 / 6)}
+    assert r["response_chars"] == {"iter-2": 4.0, "seed": 2.0}  # over parsed responses only
+    cats = r["categories"]
+    assert set(cats) == {"story", "explain", "uncategorized"}
+    assert cats["story"]["n"] == 3 and cats["story"]["win_rate"] == pytest.approx(2.5 / 3)
+    assert cats["explain"]["win_rate"] == 0.0 and cats["explain"]["ci_high"] == 0.0
+    assert cats["uncategorized"] == {"n": 1, "win_rate": 1.0, "ci_low": 1.0, "ci_high": 1.0, "mean_p": 0.7}
+    for c in cats.values():
+        assert 0 <= c["ci_low"] <= c["win_rate"] <= c["ci_high"] <= 1
+
+
+# ---------------------------------------------------------------- user errors (no model loads)
+
+def test_user_errors_name_the_problem(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        evaluate(tmp_path / "nope")
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(UserError, match="holds no recipe.yaml"):
+        evaluate(run)
+
+
+# ---------------------------------------------------------------- the real CLI on a tiny run
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    result = minitpo("run", "recipes/tiny.yaml", "--out", out, "iterations=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_run):
+    result = minitpo("eval", tiny_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tiny_run, result
+
+
+def test_eval_writes_a_win_rate_with_its_interval(evaluated):
+    run, result = evaluated
+    r = json.loads((run / "eval" / "iter-1-vs-seed.json").read_text())
+    assert {"model", "against", "n", "win_rate", "ci_low", "ci_high", "mean_p", "parse_rate",
+            "response_chars", "categories"} <= set(r)
+    assert (r["model"], r["against"], r["n"]) == ("iter-1", "seed", 8)
+    assert 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1
+    assert 0 <= r["mean_p"] <= 1
+    assert set(r["parse_rate"]) == set(r["response_chars"]) == {"iter-1", "seed"}
+    assert sum(c["n"] for c in r["categories"].values()) == 8
+    for c in r["categories"].values():
+        assert {"n", "win_rate", "ci_low", "ci_high"} <= set(c)
+        assert 0 <= c["ci_low"] <= c["win_rate"] <= c["ci_high"] <= 1
+    assert "win rate" in result.stdout and "iter-1 vs seed" in result.stdout
+
+
+def test_eval_rows_hide_thoughts_and_failures_lose(evaluated):
+    run, _ = evaluated
+    rows = [json.loads(line) for line in open(run / "eval" / "iter-1-vs-seed.jsonl")]
+    held = {json.loads(line)["id"] for line in open(run / "held_out.jsonl")}
+    assert len(rows) == 8 and {r["instruction_id"] for r in rows} == held
+    for r in rows:
+        assert 0 <= r["p"] <= 1
+        assert "Here is my response:" not in r["model_response"] + r["against_response"]
+        if r["model_parsed"] and r["against_parsed"] and r["model_response"] == r["against_response"]:
+            assert not r["judged"] and r["p"] == 0.5  # identical responses tie without the judge
+        if not r["model_parsed"] or not r["against_parsed"]:  # decided by format, not by the judge
+            assert not r["judged"]
+            assert r["p"] == (0.5 if r["model_parsed"] == r["against_parsed"] else float(r["model_parsed"]))
+            assert r["model_parsed"] or r["model_response"] == ""
+
+
+def test_report_plots_the_eval(evaluated):
+    run, _ = evaluated
+    result = minitpo("report", run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "report" / "win_rate.png").is_file()
+
+
+def test_eval_user_errors_through_the_cli(tiny_run):
+    for args, words in [(["--model", "iter-7"], "iter-7"), (["--against", "best"], "seed or iter-N"),
+                        (["--model", "iter-1", "--against", "iter-1"], "two different models")]:
+        result = minitpo("eval", tiny_run, *args)
+        assert result.returncode == 2, result.stderr
+        assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert "Traceback" not in result.stderr
+
+
+def test_eval_refuses_a_run_without_held_out_instructions_or_a_gguf_judge(tiny_run, tmp_path):
+    recipe = yaml.safe_load((tiny_run / "recipe.yaml").read_text())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (empty / "held_out.jsonl").write_text("")
+    with pytest.raises(UserError, match="no held-out instructions; set data.held_out"):
+        evaluate(empty)
+
+    python_judge = tmp_path / "python_judge"
+    python_judge.mkdir()
+    recipe["judge"].update(type="python", function="len_judge:score")
+    (python_judge / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(UserError, match="needs a llama_cpp"):
+        evaluate(python_judge)
