@@ -195,15 +195,21 @@ def _quiet_stderr():
 
 
 def score_token_ids(llm) -> list[int]:
-    """Token ids of the digits 1..9 as they would follow LEAD_IN. We tokenize LEAD_IN with and without
-    each digit and require exactly one extra token, so the ids are the ones the model would emit."""
-    base = llm.tokenize(LEAD_IN.encode(), add_bos=False, special=False)
+    """Token ids of the digits 1..9 as they would follow LEAD_IN."""
+    return next_token_ids(llm, LEAD_IN, SCORE_DIGITS)
+
+
+def next_token_ids(llm, lead_in: str, options) -> list[int]:
+    """The token id of each option as it would follow `lead_in`. We tokenize the lead-in with and
+    without each option and require exactly one extra token, so the ids are the ones the model would
+    emit at the verdict position."""
+    base = llm.tokenize(lead_in.encode(), add_bos=False, special=False)
     ids = []
-    for d in SCORE_DIGITS:
-        toks = llm.tokenize((LEAD_IN + d).encode(), add_bos=False, special=False)
+    for option in options:
+        toks = llm.tokenize((lead_in + option).encode(), add_bos=False, special=False)
         if len(toks) != len(base) + 1 or toks[: len(base)] != base:
-            raise UserError(f"judge.model: the tokenizer of {llm.model_path} does not write the digit {d} "
-                            f"as one token after {LEAD_IN!r}; use a judge model whose tokenizer does")
+            raise UserError(f"judge.model: the tokenizer of {llm.model_path} does not write {option!r} as one "
+                            f"token after {lead_in!r}; use a judge model whose tokenizer does")
         ids.append(toks[-1])
     return ids
 

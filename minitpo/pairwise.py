@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minitpo.errors import UserError
-from minitpo.judge import _eval_prompt, model_chat_turn, open_llama_judge, sanitize, tokenize_prompt
+from minitpo.judge import _eval_prompt, model_chat_turn, next_token_ids, open_llama_judge, sanitize, tokenize_prompt
 from minitpo.pairs import bradley_terry
 
 # The instruction comes first so that all K(K-1) prompts of a group share it as a token prefix, and
@@ -66,15 +66,7 @@ def pairwise_prompt_parts(instruction: str, first: str, second: str,
 
 def label_token_ids(llm) -> list[int]:
     """Token ids of "A" and "B" as they would follow PAIRWISE_LEAD_IN (exactly one token each)."""
-    base = llm.tokenize(PAIRWISE_LEAD_IN.encode(), add_bos=False, special=False)
-    ids = []
-    for label in LABELS:
-        toks = llm.tokenize((PAIRWISE_LEAD_IN + label).encode(), add_bos=False, special=False)
-        if len(toks) != len(base) + 1 or toks[: len(base)] != base:
-            raise UserError(f"judge.model: the tokenizer of {llm.model_path} does not write {label!r} as one "
-                            f"token after {PAIRWISE_LEAD_IN!r}; use a judge model whose tokenizer does")
-        ids.append(toks[-1])
-    return ids
+    return next_token_ids(llm, PAIRWISE_LEAD_IN, LABELS)
 
 
 def verdict_from_logits(logits: np.ndarray, label_ids: list[int]) -> tuple[float, float]:
