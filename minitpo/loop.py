@@ -112,13 +112,13 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     def pair():
         model, tokenizer = policy.at(t - 1)
         pairs = build_pairs(candidates, raw, final)
-        examples, _ = tokenize_pairs(tokenizer, pairs, recipe.train.max_length, policy.eos_id)
+        examples, truncated = tokenize_pairs(tokenizer, pairs, recipe.train.max_length, policy.eos_id)
         kept = [e for e in examples if e is not None]
         refs = iter(reference_logps(model, kept, tokenizer.pad_token_id, recipe.train, policy.device))
         rows = []
-        for p, e in zip(pairs, examples):
+        for p, e, cut in zip(pairs, examples, truncated):
             ref = next(refs) if e is not None else (None, None)
-            rows.append({**dataclasses.asdict(p), "skipped": e is None,
+            rows.append({**dataclasses.asdict(p), "skipped": e is None, "prompt_truncated": cut,
                          "ref_chosen_logps": ref[0], "ref_rejected_logps": ref[1]})
         io.write_jsonl(it / "pairs.jsonl", rows)
     stage("pair", it / "pairs.jsonl", pair)
@@ -203,6 +203,7 @@ def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, judge_s
         "pairs": len(pair_rows),
         "pairs_trained": len(trained),
         "pairs_skipped_too_long": len(pair_rows) - len(trained),
+        "pairs_prompt_truncated": sum(r["prompt_truncated"] for r in pair_rows),
         "rejected_parse_failures": sum(not r["rejected_parsed"] for r in pair_rows),
         "chosen_score": mean(raw[(r["instruction_id"], r["chosen_index"])] for r in pair_rows),
         "rejected_score": mean(raw[(r["instruction_id"], r["rejected_index"])] for r in pair_rows if r["rejected_parsed"]),

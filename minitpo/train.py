@@ -39,25 +39,26 @@ class Example:
 
 
 def tokenize_pairs(tokenizer, pairs, max_length: int, eos_id: int):
-    """([Example or None per pair], n_prompt_truncated). None marks a skipped pair: its longer
-    completion leaves fewer than MIN_PROMPT_TOKENS of room for the prompt. Deterministic, so the
-    reference and the policy see exactly the same tokens."""
+    """([Example or None per pair], [prompt truncated? per pair]). None marks a skipped pair: its
+    longer completion leaves fewer than MIN_PROMPT_TOKENS of room for the prompt. Deterministic, so
+    the reference and the policy see exactly the same tokens."""
     def encode(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    examples, n_truncated = [], 0
+    examples, truncated = [], []
     for p in pairs:
         prompt = encode(p.prompt)
         chosen = encode(p.chosen) + [eos_id]
         rejected = encode(p.rejected) + ([] if p.rejected_truncated else [eos_id])
         room = max_length - max(len(chosen), len(rejected))
-        if room < min(MIN_PROMPT_TOKENS, len(prompt)):
+        skip = room < min(MIN_PROMPT_TOKENS, len(prompt))
+        truncated.append(not skip and room < len(prompt))
+        if skip:
             examples.append(None)
             continue
-        if room < len(prompt):
-            prompt, n_truncated = prompt[-room:], n_truncated + 1  # keep the end: the instruction's tail and the turn marker
-        examples.append(Example(prompt, chosen, rejected))
-    return examples, n_truncated
+        # keep the prompt's end: the instruction's tail and the assistant-turn marker
+        examples.append(Example(prompt[-room:] if truncated[-1] else prompt, chosen, rejected))
+    return examples, truncated
 
 
 def collate(examples: list[Example], pad_id: int):

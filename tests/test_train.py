@@ -29,8 +29,8 @@ def setup():
 def test_tokenize_truncates_the_prompt_side_or_skips(tiny_tokenizer):
     long_prompt = Pair(0, "word " * 200, "short answer", "other", 0.0, None, 0, 1, False, True)
     huge = Pair(1, "q", "word " * 300, "x", 0.0, None, 0, 1, False, False)
-    (kept, skipped), n_truncated = tokenize_pairs(tiny_tokenizer, [long_prompt, huge], 64, tiny_tokenizer.eos_token_id)
-    assert skipped is None and n_truncated == 1
+    (kept, skipped), truncated = tokenize_pairs(tiny_tokenizer, [long_prompt, huge], 64, tiny_tokenizer.eos_token_id)
+    assert skipped is None and truncated == [True, False]
     assert len(kept.prompt_ids) + len(kept.chosen_ids) == 64
     assert kept.prompt_ids == tiny_tokenizer("word " * 200, add_special_tokens=False)["input_ids"][-len(kept.prompt_ids):]
     assert kept.chosen_ids[-1] == tiny_tokenizer.eos_token_id and kept.rejected_ids[-1] != tiny_tokenizer.eos_token_id
