@@ -1,9 +1,11 @@
-"""Judge throughput with and without KV-cache prefix reuse, and the memory llama.cpp gives back on close.
+"""Judge throughput, pointwise (with and without KV-cache prefix reuse) and pairwise, and the memory
+llama.cpp gives back on close.
 
 Scores N synthetic instructions x K responses each (the responses to one instruction are consecutive, as
 the loop passes them), once evaluating every prompt from scratch and once reusing the shared prefix
 (judge preamble + instruction). Prints responses scored per second, the speedup, the largest score
-difference between the two runs, and the process RSS before load, while loaded and after close.
+difference between the two runs, and the process RSS before load, while loaded and after close. Then
+the pairwise mode on the first --pairwise-n instructions: K(K-1) ordered pairs per instruction.
 
     python benchmarks/judge.py --gguf recipes/tiny/judge.gguf --n 64 --k 8
 """
@@ -44,6 +46,7 @@ def main():
     ap.add_argument("--k", type=int, default=8, help="responses per instruction")
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--n-gpu-layers", type=int, default=-1, help="-1 = all layers on the GPU")
+    ap.add_argument("--pairwise-n", type=int, default=8, help="instructions judged in pairwise mode")
     args = ap.parse_args()
 
     cfg = JudgeConfig(model=args.gguf, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers)
@@ -75,6 +78,17 @@ def main():
           f"speedup x{runs[False, 's'] / runs[True, 's']:.2f}")
     print(f"  max |score difference| {max_diff:.2e}; mean score_mass {mass:.3f}")
     print(f"  RSS MiB: before load {rss_before:.0f}, loaded {rss_loaded:.0f}, after close {rss_closed:.0f}")
+
+    from minitpo.pairwise import judge_pairwise
+
+    k = args.k
+    groups = [(instructions[g * k], responses[g * k:(g + 1) * k]) for g in range(min(args.pairwise_n, args.n))]
+    t0 = time.perf_counter()
+    _, stats = judge_pairwise(cfg, groups, progress=False)
+    seconds = time.perf_counter() - t0
+    print(f"  pairwise mode:   {len(groups) * k / seconds:8.1f} responses/s ({stats['pairs_judged'] / seconds:.1f} "
+          f"ordered pairs/s, {k * (k - 1)} per instruction; model load included); "
+          f"position consistency {stats['position_consistency']:.2f}")
 
 
 if __name__ == "__main__":
