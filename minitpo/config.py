@@ -74,6 +74,7 @@ class SamplingConfig:
     batch_size: int = 64  # sequences generated at once; lower it if sampling runs out of memory
     seed: int = 0  # iteration t samples with seed + t
     engine: Literal["fast", "generate"] = "fast"  # fast: minitpo/engine.py; generate: plain transformers
+    stop: tuple[str, ...] = ()  # texts that end an output like EOS (for base models that never emit EOS)
 
     def __post_init__(self):
         _check(self.k >= 2, "sampling.k", self.k, "use 2 or more: a pair needs two candidates")

@@ -92,11 +92,11 @@ def build_messages(template: Template, instruction: str, system_prompt: bool = F
 
 def build_prompt(tokenizer, template: Template, instruction: str, system_prompt: bool = False) -> str:
     """The prompt string the policy continues. Goes through the tokenizer's chat template when it has
-    one (the generation prompt included), else plain text with a trailing newline."""
+    one (the generation prompt included), else plain text and a newline, for the model to continue."""
     messages = build_messages(template, instruction, system_prompt)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n\n".join(m["content"] for m in messages) + "\n\n"
+    return "\n\n".join(m["content"] for m in messages) + "\n"
 
 
 def split_output(text: str, template: Template) -> tuple[str, str] | None:

@@ -59,6 +59,10 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg, s
     candidates = []
     for (i, k), (new_ids, hit_eos) in zip(jobs, outputs):
         text = tokenizer.decode(new_ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in cfg.stop if s in text), default=-1)
+        if cut >= 0:  # a stop text ends the output as EOS would; tokens after it are dropped
+            text, hit_eos = text[:cut], True
+            new_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         split = split_output(text, template) if hit_eos else None
         ins = instructions[i]
         candidates.append(Candidate(
