@@ -207,7 +207,9 @@ def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, judge_s
         "rejected_parse_failures": sum(not r["rejected_parsed"] for r in pair_rows),
         "chosen_score": mean(raw[(r["instruction_id"], r["chosen_index"])] for r in pair_rows),
         "rejected_score": mean(raw[(r["instruction_id"], r["rejected_index"])] for r in pair_rows if r["rejected_parsed"]),
-        "chosen_response_chars": mean(len(by_key[(r["instruction_id"], r["chosen_index"])].response) for r in pair_rows),
+        # over pairs whose rejected side parsed (a failure has no response): what rho: auto compares
+        "chosen_response_chars": mean(len(by_key[(r["instruction_id"], r["chosen_index"])].response)
+                                      for r in pair_rows if r["rejected_parsed"]),
         "rejected_response_chars": mean(len(by_key[(r["instruction_id"], r["rejected_index"])].response)
                                         for r in pair_rows if r["rejected_parsed"]),
         "train_loss": mean(r["loss"] for r in last_epoch),
