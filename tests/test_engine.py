@@ -14,7 +14,8 @@ from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Gemma3ForCau
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from minitpo import engine
-from minitpo.engine import build_sampling_model, generate_tokens, release, sample_next
+from minitpo.dense import build_sampling_model
+from minitpo.engine import generate_tokens, release, sample_next
 
 PAD = 0
 # different lengths (1 to 9) so the batch is left-padded; no PAD inside
