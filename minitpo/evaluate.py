@@ -15,11 +15,9 @@ max_new_tokens) has no response to show a user, so it loses to a parsed one with
 two failures tie, and so do two identical responses.
 """
 
-import dataclasses
 import gc
 import re
 import statistics
-import types
 from pathlib import Path
 
 import numpy as np
@@ -157,10 +155,8 @@ def _sample_one(recipe: Recipe, run_dir: Path, name: str, instructions, template
     adapter = None if name == "seed" else run_dir / name / "adapter"
     policy, tokenizer = load_policy(recipe.policy, adapter)
     policy.eval()
-    # SamplingConfig insists on k >= 2 (training needs a pair); evaluation wants one output each.
-    one = types.SimpleNamespace(**{**dataclasses.asdict(recipe.sampling), "k": 1})
-    candidates = sample_candidates(policy, tokenizer, instructions, template, one, seed=recipe.sampling.seed,
-                                   system_prompt=recipe.thought.system_prompt)
+    candidates = sample_candidates(policy, tokenizer, instructions, template, recipe.sampling, k=1,
+                                   seed=recipe.sampling.seed, system_prompt=recipe.thought.system_prompt)
     engine.release()
     del policy
     gc.collect()

@@ -39,16 +39,17 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def sample_candidates(model, tokenizer, instructions, template: Template, cfg, seed: int,
-                      system_prompt: bool = False, engine=None) -> list[Candidate]:
-    """K candidates for each instruction. `engine` is a `generate_tokens`-style function; by default
-    the recipe's `sampling.engine`: the fast sampler of minitpo/engine.py, or plain `generate` below."""
+                      system_prompt: bool = False, engine=None, k: int | None = None) -> list[Candidate]:
+    """`k` (default `cfg.k`) candidates for each instruction. `engine` is a `generate_tokens`-style
+    function; by default the recipe's `sampling.engine`: the fast sampler of minitpo/engine.py, or
+    plain `generate` below."""
     if engine is None:
         from minitpo import engine as fast
 
         engine = fast.generate_tokens if cfg.engine == "fast" else generate_tokens
     prompts = [build_prompt(tokenizer, template, ins.text, system_prompt) for ins in instructions]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    jobs = [(i, k) for i in range(len(instructions)) for k in range(cfg.k)]
+    jobs = [(i, j) for i in range(len(instructions)) for j in range(k or cfg.k)]
     with tqdm(total=len(jobs), desc="sample", unit="seq", dynamic_ncols=True) as bar:
         outputs = engine(
             model, [prompt_ids[i] for i, _ in jobs],
@@ -57,7 +58,7 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg, s
             batch_size=cfg.batch_size, seed=seed, progress=bar.update,
         )
     candidates = []
-    for (i, k), (new_ids, hit_eos) in zip(jobs, outputs):
+    for (i, j), (new_ids, hit_eos) in zip(jobs, outputs):
         text = tokenizer.decode(new_ids, skip_special_tokens=True)
         cut = min((text.find(s) for s in cfg.stop if s in text), default=-1)
         if cut >= 0:  # a stop text ends the output as EOS would; tokens after it are dropped
@@ -66,7 +67,7 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg, s
         split = split_output(text, template) if hit_eos else None
         ins = instructions[i]
         candidates.append(Candidate(
-            instruction_id=ins.id, instruction=ins.text, prompt=prompts[i], index=k, text=text,
+            instruction_id=ins.id, instruction=ins.text, prompt=prompts[i], index=j, text=text,
             thought=split[0] if split else "", response=split[1] if split else "",
             parsed=split is not None, n_tokens=len(new_ids), truncated=not hit_eos, category=ins.category,
         ))
