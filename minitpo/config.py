@@ -93,6 +93,8 @@ class JudgeConfig:
     function: str | None = None  # python: "module:callable" or "file.py:callable", f(instr, resp) -> float
     n_ctx: int = 4096  # judge context; instruction + response must fit
     n_gpu_layers: int = -1  # llama.cpp layers offloaded to the GPU; -1 = all, 0 = CPU only
+    n_threads: int | None = None  # llama.cpp CPU threads; null = its default. Its threads spin while
+    #   waiting, so on a CPU shared with other work fewer threads can be much faster
     rho: float | Literal["auto"] = 0.0  # length control in [0, 0.5] (TPO.md step 5); auto = tuned per iteration
     prompt: str | None = None  # judge prompt template file with {instruction} and {response}
     quantization: Literal["nf4", "none"] = "none"  # reward_model: load it 4-bit to save memory
@@ -102,6 +104,7 @@ class JudgeConfig:
         if self.rho != "auto":
             _check(0 <= self.rho <= 0.5, "judge.rho", self.rho, "use a value in [0, 0.5] (paper's range) or auto")
         _check(self.n_ctx >= 64, "judge.n_ctx", self.n_ctx, "use 64 or more (4096 is typical)")
+        _check(self.n_threads is None or self.n_threads >= 1, "judge.n_threads", self.n_threads, "use 1 or more, or null")
         if self.type == "llama_cpp" and not self.model:
             raise UserError("judge.model: missing; the llama_cpp judge needs the path of a GGUF file")
         if self.type == "reward_model" and not self.model:
