@@ -41,15 +41,16 @@ def _score_pairwise(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
     from minitpo.pairwise import judge_pairwise
 
     cache = {(r["instruction"], r["first"], r["second"]): r["verdict"] for r in _read(cache_path)}
-    groups: dict[str, list] = {}
+    groups: dict[int, list] = {}
     for c in parsed:
-        groups.setdefault(c.instruction, []).append(c)
+        groups.setdefault(c.instruction_id, []).append(c)
     scores, consistent, n_pairs = {}, 0.0, 0
     items = list(groups.items())
     per_chunk = max(1, CHUNK // 16)  # groups per chunk (a group of K responses is K(K-1) judgements)
     for start in range(0, len(items), per_chunk):
         chunk = items[start:start + per_chunk]
-        group_scores, stats = judge_pairwise(cfg, [(ins, [c.response for c in cs]) for ins, cs in chunk], cache=cache)
+        group_scores, stats = judge_pairwise(cfg, [(cs[0].instruction, [c.response for c in cs]) for _, cs in chunk],
+                                             cache=cache)
         for (_, cs), s in zip(chunk, group_scores):
             scores.update({(c.instruction_id, c.index): v for c, v in zip(cs, s)})
         pairs = stats.get("pairs_judged", 0)
