@@ -148,3 +148,25 @@ def test_user_errors_are_one_line_with_exit_status_2(tmp_path, replace, message)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert not out.exists()  # failed before writing anything
+
+
+def test_pairwise_judge_and_auto_rho_through_the_loop(tmp_path):
+    out = tmp_path / "pairwise"
+    result = minitpo("run", "recipes/tiny.yaml", "--out", out, "iterations=1", "judge.mode=pairwise", "judge.rho=auto")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.load(open(out / "iter-1" / "summary.json"))
+    assert 0 <= summary["position_consistency"] <= 1
+    assert summary["rho"] in [i / 20 for i in range(11)]
+    assert summary["pairs"] > 0
+    scores = jsonl(out / "iter-1" / "scores.jsonl")
+    by_instruction = {}
+    for s in scores:
+        by_instruction.setdefault(s["instruction_id"], []).append(s["score"])
+    for group in by_instruction.values():  # Bradley-Terry scores are centred within each instruction
+        assert abs(sum(group)) < 1e-6
+    # Every ordered pair of different positions was judged once (identical texts share one verdict).
+    parsed = [c for c in jsonl(out / "iter-1" / "candidates.jsonl") if c["parsed"]]
+    expected = {(a["instruction"], a["response"], b["response"]) for a in parsed for b in parsed
+                if a["instruction_id"] == b["instruction_id"] and a["index"] != b["index"]}
+    cached = {(r["instruction"], r["first"], r["second"]) for r in jsonl(out / "iter-1" / "judge_cache.jsonl")}
+    assert cached == expected
