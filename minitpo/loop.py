@@ -217,6 +217,7 @@ def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, judge_s
         "reward_margin": mean(r["margin"] for r in last_epoch),
         "best_epoch": train_summary.get("best_epoch"),
         "position_consistency": judge_stats.get("position_consistency"),
+        "judge_verdict_mass": judge_stats.get("verdict_mass"),
         "stage_wall_s": times,
     }
 

@@ -16,24 +16,31 @@ CHUNK = 256  # judgements between cache writes: a kill loses at most this much j
 def score_candidates(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
     if cfg.mode == "pairwise":
         return _score_pairwise(cfg, parsed, cache_path)
-    cache = {(r["instruction"], r["response"]): r["score"] for r in _read(cache_path)}
+    cache = {(r["instruction"], r["response"]): r for r in _read(cache_path)}
     todo = list(dict.fromkeys((c.instruction, c.response) for c in parsed if (c.instruction, c.response) not in cache))
     scorer = _pointwise_scorer(cfg)
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start:start + CHUNK]
-        cache.update(zip(chunk, scorer(cfg, [i for i, _ in chunk], [r for _, r in chunk])))
-        io.write_jsonl(cache_path, [{"instruction": i, "response": r, "score": s} for (i, r), s in cache.items()])
-    return [cache[(c.instruction, c.response)] for c in parsed], {"judged": len(todo), "cached": len(parsed) - len(todo)}
+        results = scorer(cfg, [i for i, _ in chunk], [r for _, r in chunk])
+        cache.update({(i, r): {"instruction": i, "response": r, **res} for (i, r), res in zip(chunk, results)})
+        io.write_jsonl(cache_path, list(cache.values()))
+    rows = [cache[(c.instruction, c.response)] for c in parsed]
+    # score_mass: the probability the GGUF judge put on any valid verdict token. The score is renormalised
+    # over those tokens, so a judge that ignores the format still gives numbers: this number shows it.
+    masses = [r["score_mass"] for r in rows if r.get("score_mass") is not None]
+    return [r["score"] for r in rows], {"judged": len(todo), "cached": len(parsed) - len(todo),
+                                        "verdict_mass": sum(masses) / len(masses) if masses else None}
 
 
 def _pointwise_scorer(cfg):
+    """f(cfg, instructions, responses) -> [{"score": float, "score_mass": float or None}]."""
     if cfg.type == "reward_model":
         from minitpo.reward_model import judge_reward_model
 
-        return judge_reward_model
-    from minitpo.judge import judge_responses
+        return lambda *args: [{"score": s, "score_mass": None} for s in judge_reward_model(*args)]
+    from minitpo.judge import judge_responses_detailed
 
-    return judge_responses
+    return judge_responses_detailed
 
 
 def _score_pairwise(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:

@@ -69,6 +69,7 @@ def test_pairs_carry_reference_logps_and_scores(tiny_run):
     assert pairs and all(p["ref_chosen_logps"] < 0 and p["ref_rejected_logps"] < 0 for p in pairs if not p["skipped"])
     scores = jsonl(out / "iter-1" / "scores.jsonl")
     assert all(1 <= s["score"] <= 9 and s["response_length"] > 0 for s in scores)
+    assert 0 < json.load(open(out / "iter-1" / "summary.json"))["judge_verdict_mass"] < 1  # a random judge
     log = jsonl(out / "iter-1" / "train_log.jsonl")
     assert log and {"loss", "chosen_reward", "rejected_reward", "reward_accuracy", "margin", "lr", "tokens_per_s"} <= set(log[0])
 
