@@ -20,13 +20,16 @@ that dwarfs a 1.5B 4-bit model. `sequence_logps` never builds them:
   2. keep the N rows that predict a scored token, (N, H), with their targets (N,);
   3. `_ChunkedTokenLogps` applies lm_head, optional final-logit softcapping (Gemma 2/3) and log_softmax in
      float32 to chunk_size rows at a time and keeps only the target's log-prob and the logsumexp, (N,) each.
-     Its backward recomputes each chunk's logits and forms the gradient in place:
-        d logp(y) / d logits = onehot(y) - softmax(logits)
-     so peak memory grows with chunk_size * V, not T * V. Gradients flow to the hidden states, hence to
-     the LoRA weights; the frozen lm_head gets none, a trainable one gets its gradient too.
+     The gradient of each row is
+        d logp(y) / d hidden = (onehot(y) - softmax(logits)) @ W
+     With a frozen lm_head (QLoRA) it is formed in the forward, while the chunk's logits exist, and
+     saved as (N, H); backward only scales it. With a trainable lm_head, backward recomputes each
+     chunk's logits instead. Either way peak memory grows with chunk_size * V, not T * V. Gradients
+     flow to the hidden states, hence to the LoRA weights.
 `naive_sequence_logps` is the textbook version, kept as the reference for tests and benchmarks. On one
 H100 (Qwen2.5-1.5B shape, NF4 + LoRA, 8 pairs x 1024 tokens, benchmarks/train_step.py) a DPO step's own
-memory went from 29.4 GiB (naive) to 3.7 GiB (chunk_size 1024) at the same speed within 3%.
+memory went from 29.4 GiB (naive) to 3.7 GiB (chunk_size 1024), at 0.97x naive's speed with the
+backward recompute, measured before the forward-gradient path existed (benchmarks/RESULTS.md).
 
 Only an un-adapted lm_head is supported: LoRA on lm_head or a quantized lm_head fails an assert (QLoRA
 keeps lm_head in bf16 and never targets it). Logit transforms other than softcapping (e.g. Cohere's
