@@ -44,7 +44,8 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """token_logps[i] = log_softmax(softcap(hidden[i] @ weight.T))[targets[i]], chunk_size rows at a time.
 
     Shapes: hidden (N, H), weight (V, H), targets (N,) -> token_logps (N,) float32. Saved for backward:
-    hidden, weight (references, not copies), targets and the (N,) logsumexps; never the (N, V) logits.
+    with a frozen weight, d token_logps[i] / d hidden[i] as (N, H); else hidden, weight (references, not
+    copies), targets and the (N,) logsumexps. Never the (N, V) logits.
     Matmuls run in weight.dtype (bf16 under QLoRA), softmax arithmetic in float32. Autocast is switched off
     inside so the dtypes are the ones written here whatever the caller's context.
     """
