@@ -21,8 +21,9 @@ from minitpo.config import PolicyConfig, SamplingConfig, load_recipe
 from minitpo.errors import UserError
 from minitpo.io import read_json, write_dir
 from minitpo.model import load_policy
-from minitpo.prompts import Template, build_prompt, load_template, split_output
-from minitpo.sample import eos_token_ids, generate_tokens
+from minitpo.data import Instruction
+from minitpo.prompts import Template, load_template
+from minitpo.sample import generate_tokens, sample_candidates
 
 
 @dataclass(frozen=True)
@@ -117,19 +118,12 @@ def open_chat(path: str | Path, template: str | None = None, max_new_tokens: int
 
 
 def reply(session: ChatSession, message: str, seed: int) -> Reply:
-    """One sampled output for `message`, wrapped in the thought template exactly as in training."""
-    tokenizer, cfg = session.tokenizer, session.sampling
-    prompt = build_prompt(tokenizer, session.template, message, session.system_prompt)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    [(new_ids, hit_eos)] = generate_tokens(
-        session.model, [prompt_ids], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_p=cfg.top_p, eos_token_ids=eos_token_ids(session.model, tokenizer),
-        pad_token_id=tokenizer.pad_token_id, batch_size=1, seed=seed,
-    )
-    text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    split = split_output(text, session.template) if hit_eos else None  # as sample.py: truncated = unparsed
-    return Reply(text=text, thought=split[0] if split else "", response=split[1] if split else "",
-                 parsed=split is not None, truncated=not hit_eos)
+    """One sampled output for `message`, prompted, generated and split exactly as in training
+    (sample_candidates with k = 1, so stop texts and the truncation rule apply here too)."""
+    [c] = sample_candidates(session.model, session.tokenizer, [Instruction(id=0, text=message)], session.template,
+                            session.sampling, seed=seed, system_prompt=session.system_prompt,
+                            engine=generate_tokens, k=1, progress=False)
+    return Reply(text=c.text, thought=c.thought, response=c.response, parsed=c.parsed, truncated=c.truncated)
 
 
 def format_reply(r: Reply, session: ChatSession, show_thought: bool) -> str:

@@ -39,7 +39,8 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def sample_candidates(model, tokenizer, instructions, template: Template, cfg, seed: int,
-                      system_prompt: bool = False, engine=None, k: int | None = None) -> list[Candidate]:
+                      system_prompt: bool = False, engine=None, k: int | None = None,
+                      progress: bool = True) -> list[Candidate]:
     """`k` (default `cfg.k`) candidates for each instruction. `engine` is a `generate_tokens`-style
     function; by default the recipe's `sampling.engine`: the fast sampler of minitpo/engine.py, or
     plain `generate` below."""
@@ -50,7 +51,7 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg, s
     prompts = [build_prompt(tokenizer, template, ins.text, system_prompt) for ins in instructions]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     jobs = [(i, j) for i in range(len(instructions)) for j in range(k or cfg.k)]
-    with tqdm(total=len(jobs), desc="sample", unit="seq", dynamic_ncols=True) as bar:
+    with tqdm(total=len(jobs), desc="sample", unit="seq", dynamic_ncols=True, disable=not progress) as bar:
         outputs = engine(
             model, [prompt_ids[i] for i, _ in jobs],
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
