@@ -12,6 +12,8 @@ import copy
 
 import torch
 
+from minitpo.model import hf_model
+
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """HF attention interface: sdpa, but for one query token the query heads are folded into their
@@ -96,7 +98,3 @@ def _dense_tensor(base, name):
                     raise NotImplementedError(f"{mod_name}: DoRA and LoRA bias are not merged here")
                 t = t + mod.get_delta_weight(a).float()  # B @ A * scale, (out, in)
     return t.detach()
-
-
-def hf_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model

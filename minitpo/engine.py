@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-from minitpo.dense import build_sampling_model, hf_model, load_dense_weights
+from minitpo.dense import build_sampling_model, load_dense_weights
+from minitpo.model import hf_model
 
 SYNC_EVERY = 16  # decode steps between host syncs; a finished slot idles at most this long
 PREFILL_TOKENS = 8192  # (prompts x width) per prefill forward: bounds activation memory

@@ -39,6 +39,8 @@ logit_scale) are not applied, so such configs are refused too.
 import torch
 from torch import Tensor
 
+from minitpo.model import hf_model
+
 
 class _ChunkedTokenLogps(torch.autograd.Function):
     """token_logps[i] = log_softmax(softcap(hidden[i] @ weight.T))[targets[i]], chunk_size rows at a time.
@@ -137,11 +139,6 @@ def _check_masks(input_ids, attention_mask, completion_mask):
     assert not (completion_mask.bool() & ~attention_mask.bool()).any(), "completion_mask marks padding tokens"
 
 
-def _unwrap(model):
-    """The HF causal LM inside a peft PeftModel (LoRA layers stay injected in it), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _lm_head_weight_and_softcap(base):
     """The (V, H) lm_head weight and the final-logit softcap (None for Llama and Qwen2), after checking
     that plain `hidden @ weight.T` (then softcapping) is exactly what the model's forward computes."""
@@ -169,7 +166,7 @@ def sequence_logps(
     """
     _check_masks(input_ids, attention_mask, completion_mask)
     assert chunk_size > 0, f"chunk_size must be positive, got {chunk_size}"
-    base = _unwrap(model)
+    base = hf_model(model)
     assert hasattr(base, "model"), f"{type(base).__name__} has no decoder body at .model"
     weight, softcap = _lm_head_weight_and_softcap(base)
     hidden = base.model(

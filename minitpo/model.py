@@ -65,6 +65,11 @@ def load_policy(cfg: PolicyConfig, adapter_dir: str | Path | None = None, device
     return model, tokenizer
 
 
+def hf_model(model):
+    """The transformers model inside a peft PeftModel (its LoRA layers stay injected), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def enable_checkpointing(model) -> None:
     """Recompute each layer's activations in backward instead of storing them (non-reentrant, so the
     frozen 4-bit base needs no input-grad hooks)."""
