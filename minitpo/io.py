@@ -40,7 +40,10 @@ def read_json(path: str | Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, missing_ok: bool = False) -> list[dict]:
+    """The rows of a JSONL file; with `missing_ok`, no rows when the file does not exist (yet)."""
+    if missing_ok and not Path(path).is_file():
+        return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 

@@ -59,7 +59,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Write `run_dir/report.md` and `run_dir/report/*.png`; return the path of report.md."""
     run_dir = Path(run_dir)
     rows = _finished_iterations(run_dir)
-    logs = {r["iteration"]: _read_train_log(run_dir / f"iter-{r['iteration']}" / "train_log.jsonl") for r in rows}
+    logs = {r["iteration"]: io.read_jsonl(run_dir / f"iter-{r['iteration']}" / "train_log.jsonl", missing_ok=True) for r in rows}
     evals, notes = _read_evals(run_dir / "eval")
     for r in rows:  # the win rate against the seed joins the iteration's row in the table
         r["win_rate"] = next((e["win_rate"] for e in evals if e["against"] == "seed" and e["iteration"] == r["iteration"]), None)
@@ -87,7 +87,7 @@ def _finished_iterations(run_dir: Path) -> list[dict]:
     if not run_dir.is_dir():
         raise UserError(f"RUN_DIR: {str(run_dir)!r} is not a directory; give the run directory of `minitpo run`")
     path = run_dir / "metrics.jsonl"
-    rows = io.read_jsonl(path) if path.is_file() else []
+    rows = io.read_jsonl(path, missing_ok=True)
     if not rows:
         raise UserError(
             f"RUN_DIR: {str(run_dir)!r} has no finished iteration (metrics.jsonl is missing or empty); "
@@ -96,10 +96,6 @@ def _finished_iterations(run_dir: Path) -> list[dict]:
     for t, row in enumerate(rows, start=1):
         row.setdefault("iteration", t)
     return rows
-
-
-def _read_train_log(path: Path) -> list[dict]:
-    return io.read_jsonl(path) if path.is_file() else []
 
 
 def _read_evals(eval_dir: Path) -> tuple[list[dict], list[str]]:

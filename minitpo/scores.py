@@ -16,7 +16,7 @@ CHUNK = 256  # judgements between cache writes: a kill loses at most this much j
 def score_candidates(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
     if cfg.mode == "pairwise":
         return _score_pairwise(cfg, parsed, cache_path)
-    cache = {(r["instruction"], r["response"]): r for r in _read(cache_path)}
+    cache = {(r["instruction"], r["response"]): r for r in io.read_jsonl(cache_path, missing_ok=True)}
     todo = list(dict.fromkeys((c.instruction, c.response) for c in parsed if (c.instruction, c.response) not in cache))
     scorer = _pointwise_scorer(cfg)
     for start in range(0, len(todo), CHUNK):
@@ -47,7 +47,7 @@ def _score_pairwise(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
     """Bradley-Terry scores within each instruction's group of parsed responses."""
     from minitpo.pairwise import judge_pairwise
 
-    cache = {(r["instruction"], r["first"], r["second"]): r["verdict"] for r in _read(cache_path)}
+    cache = {(r["instruction"], r["first"], r["second"]): r["verdict"] for r in io.read_jsonl(cache_path, missing_ok=True)}
     groups: dict[int, list] = {}
     for c in parsed:
         groups.setdefault(c.instruction_id, []).append(c)
@@ -67,7 +67,3 @@ def _score_pairwise(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
                                     for (i, a, b), v in cache.items()])
     return ([scores[(c.instruction_id, c.index)] for c in parsed],
             {"pairs_judged": n_pairs, "position_consistency": consistent / n_pairs if n_pairs else None})
-
-
-def _read(path: Path) -> list[dict]:
-    return io.read_jsonl(path) if Path(path).exists() else []
