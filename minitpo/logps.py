@@ -16,20 +16,21 @@ RoPE would give the same result only up to rounding).
 Why not `model(...).logits`: for a batch of 2 x 8 sequences of 1024 tokens and Qwen2.5's 151,936-token
 vocabulary, the (B, T, V) logits are 10 GB in float32, and log_softmax and its backward add as much again;
 that dwarfs a 1.5B 4-bit model. `sequence_logps` never builds them:
-  1. run the decoder body (`base.model`) for the final hidden states (B, T, H), already normed;
-  2. keep the N rows that predict a scored token, (N, H), with their targets (N,);
+  1. find the N positions whose hidden state predicts a scored token, and their targets (N,);
+  2. run the decoder body (`base.model`) for the final hidden states (B, T, H), already normed, and keep
+     those N rows, (N, H);
   3. `_ChunkedTokenLogps` applies lm_head, optional final-logit softcapping (Gemma 2/3) and log_softmax in
-     float32 to chunk_size rows at a time and keeps only the target's log-prob and the logsumexp, (N,) each.
+     float32 to chunk_size rows at a time and keeps only the target's log-prob, (N,).
      The gradient of each row is
         d logp(y) / d hidden = (onehot(y) - softmax(logits)) @ W
-     With a frozen lm_head (QLoRA) it is formed in the forward, while the chunk's logits exist, and
+     With a frozen lm_head (QLoRA) it is formed in the forward, while the chunk's log-probs exist, and
      saved as (N, H); backward only scales it. With a trainable lm_head, backward recomputes each
      chunk's logits instead. Either way peak memory grows with chunk_size * V, not T * V. Gradients
      flow to the hidden states, hence to the LoRA weights.
 `naive_sequence_logps` is the textbook version, kept as the reference for tests and benchmarks. On one
-H100 (Qwen2.5-1.5B shape, NF4 + LoRA, 8 pairs x 1024 tokens, benchmarks/train_step.py) a DPO step's own
-memory went from 29.4 GiB (naive) to 3.7 GiB (chunk_size 1024), at 0.97x naive's speed with the
-backward recompute, measured before the forward-gradient path existed (benchmarks/RESULTS.md).
+H100 (Qwen2.5-1.5B shape, NF4 + LoRA, 8 pairs x 1024 tokens, benchmarks/train_step.py) a DPO step peaked at
+5.3 GiB instead of 30.6 and ran at 1.01x naive's tokens/s (benchmarks/RESULTS.md). At that size the step is
+close to bound by the CPU launching kernels, so the row indices are found before the body runs (see below).
 
 Only an un-adapted lm_head is supported: LoRA on lm_head or a quantized lm_head fails an assert (QLoRA
 keeps lm_head in bf16 and never targets it). Logit transforms other than softcapping (e.g. Cohere's
@@ -46,56 +47,52 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """token_logps[i] = log_softmax(softcap(hidden[i] @ weight.T))[targets[i]], chunk_size rows at a time.
 
     Shapes: hidden (N, H), weight (V, H), targets (N,) -> token_logps (N,) float32. Saved for backward:
-    with a frozen weight, d token_logps[i] / d hidden[i] as (N, H); else hidden, weight (references, not
-    copies), targets and the (N,) logsumexps. Never the (N, V) logits.
+    with a frozen weight, -d token_logps[i] / d hidden[i] as (N, H); else hidden, weight (references, not
+    copies) and targets. Never the (N, V) logits.
     Matmuls run in weight.dtype (bf16 under QLoRA), softmax arithmetic in float32. Autocast is switched off
-    inside so the dtypes are the ones written here whatever the caller's context.
+    inside so the dtypes are the ones written here whatever the caller's context. Each chunk makes four
+    passes over its (c, V) values: log_softmax (with the float32 cast), gather, exp, cast for the matmul.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, softcap):
         n = hidden.shape[0]
         token_logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         # With a frozen lm_head (QLoRA) the only gradient is d logp / d hidden, and it is cheapest to
-        # form it here, while each chunk's logits exist: one extra (c, V) @ (V, H) matmul now instead of
+        # form it here, while each chunk's log-probs exist: one extra (c, V) @ (V, H) matmul now instead of
         # recomputing the logits in backward (two matmuls). Backward then only scales the (N, H) rows.
         eager = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
-        unit_grad = torch.empty_like(hidden) if eager else None  # (N, H): d token_logps[i] / d hidden[i]
+        neg_unit_grad = torch.empty_like(hidden) if eager else None  # (N, H): -d token_logps[i] / d hidden[i]
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
-                logits, tanh = _chunk_logits(hidden[start:end], weight, softcap)  # (c, V) float32
-                lse[start:end] = logits.logsumexp(dim=-1)
-                target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)  # (c,)
-                token_logps[start:end] = target_logits - lse[start:end]
+                chunk_targets = targets[start:end, None]  # (c, 1)
+                logp, tanh = _chunk_log_softmax(hidden[start:end], weight, softcap)  # (c, V) float32
+                token_logps[start:end] = logp.gather(1, chunk_targets).squeeze(1)
                 if eager:
-                    grad = _logits_grad(logits, lse[start:end], targets[start:end], tanh)
-                    unit_grad[start:end] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
-        if eager:
-            ctx.save_for_backward(unit_grad)
-        else:
-            ctx.save_for_backward(hidden, weight, targets, lse)
+                    grad = _softmax_minus_onehot(logp, chunk_targets, tanh).to(weight.dtype)
+                    neg_unit_grad[start:end] = grad @ weight
+        ctx.save_for_backward(*((neg_unit_grad,) if eager else (hidden, weight, targets)))
         ctx.eager, ctx.chunk_size, ctx.softcap = eager, chunk_size, softcap
         return token_logps
 
     @staticmethod
     def backward(ctx, grad_token_logps):  # (N,)
         if ctx.eager:
-            (unit_grad,) = ctx.saved_tensors
-            return unit_grad * grad_token_logps[:, None].to(unit_grad.dtype), None, None, None, None
-        hidden, weight, targets, lse = ctx.saved_tensors
+            (neg_unit_grad,) = ctx.saved_tensors
+            return neg_unit_grad * -grad_token_logps[:, None].to(neg_unit_grad.dtype), None, None, None, None
+        hidden, weight, targets = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         # Accumulate the weight gradient in float32: it sums over all N rows.
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_token_logps = grad_token_logps.float()
+        neg_grad_token_logps = -grad_token_logps.float()
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], ctx.chunk_size):
                 end = min(start + ctx.chunk_size, hidden.shape[0])
-                logits, tanh = _chunk_logits(hidden[start:end], weight, ctx.softcap)  # (c, V) float32
-                grad = _logits_grad(logits, lse[start:end], targets[start:end], tanh)
-                grad = grad.mul_(grad_token_logps[start:end, None]).to(weight.dtype)
+                logp, tanh = _chunk_log_softmax(hidden[start:end], weight, ctx.softcap)  # (c, V) float32
+                grad = _softmax_minus_onehot(logp, targets[start:end, None], tanh)
+                grad = grad.mul_(neg_grad_token_logps[start:end, None]).to(weight.dtype)  # d loss / d logits
                 if need_hidden:
                     grad_hidden[start:end] = (grad @ weight).to(hidden.dtype)  # (c, H)
                 if need_weight:
@@ -105,24 +102,24 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def _logits_grad(logits, lse, targets, tanh):
-    """d logp(y) / d pre-softcap logits = (onehot(y) - softmax) * (1 - tanh^2), (c, V) float32, built in
-    place in the logits buffer: softmax = exp(logits - lse) reuses the forward's lse, no second reduction."""
-    grad = logits.sub_(lse[:, None]).exp_().neg_()  # (c, V) = -softmax
-    grad.scatter_add_(1, targets[:, None], torch.ones_like(grad[:, :1]))
+def _chunk_log_softmax(hidden_chunk, weight, softcap):
+    """(c, H) @ (V, H).T, softcapped as cap * tanh(z / cap) when softcap is set, then log_softmax in
+    float32: (c, V). Also returns tanh(z / cap) (c, V), which the chain rule needs, or None."""
+    logits = hidden_chunk.to(weight.dtype) @ weight.t()  # (c, V) in weight.dtype
+    if softcap is None:
+        return torch.log_softmax(logits, dim=-1, dtype=torch.float32), None
+    tanh = logits.float().div_(softcap).tanh_()
+    return torch.log_softmax(tanh * softcap, dim=-1), tanh
+
+
+def _softmax_minus_onehot(logp, targets, tanh):
+    """-d logp(y) / d pre-softcap logits = (softmax - onehot(y)) * (1 - tanh^2), (c, V) float32, built in
+    place in the log_softmax buffer (softmax = exp(logp)); targets is (c, 1)."""
+    grad = logp.exp_()
+    grad.scatter_add_(1, targets, torch.full_like(grad[:, :1], -1.0))
     if tanh is not None:  # d(cap * tanh(z / cap)) / dz = 1 - tanh^2
         grad.mul_(tanh.square_().neg_().add_(1.0))
     return grad
-
-
-def _chunk_logits(hidden_chunk, weight, softcap):
-    """(c, H) @ (V, H).T -> float32 logits (c, V), softcapped as cap * tanh(z / cap) when softcap is set.
-    Also returns tanh(z / cap) (c, V), which backward needs for the chain rule, or None."""
-    logits = (hidden_chunk.to(weight.dtype) @ weight.t()).float()
-    if softcap is None:
-        return logits, None
-    tanh = logits.div_(softcap).tanh_()
-    return tanh * softcap, tanh
 
 
 def _position_ids(attention_mask: Tensor) -> Tensor:
@@ -169,21 +166,26 @@ def sequence_logps(
     base = hf_model(model)
     assert hasattr(base, "model"), f"{type(base).__name__} has no decoder body at .model"
     weight, softcap = _lm_head_weight_and_softcap(base)
+    # Which rows of the flattened (B * T, H) hidden states predict a scored token: row b * T + t predicts
+    # token t + 1 of sequence b. Found before the body runs: nonzero() waits for the GPU, and here it has
+    # nothing queued; after the forward, the wait would idle the GPU while the CPU launches the backward.
+    batch, seq_len = input_ids.shape
+    predicts = torch.zeros_like(completion_mask, dtype=torch.bool)
+    predicts[:, :-1] = completion_mask[:, 1:].bool()
+    rows = predicts.flatten().nonzero().squeeze(1)  # (N,)
+    targets = input_ids.flatten()[rows + 1]  # (N,)
+
     hidden = base.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=_position_ids(attention_mask),
         use_cache=False,
     ).last_hidden_state  # (B, T, H), after the final norm
+    scored_hidden = hidden.flatten(0, 1).index_select(0, rows)  # (N, H); backward is an index_add
+    token_logps = _ChunkedTokenLogps.apply(scored_hidden, weight, targets, chunk_size, softcap)  # (N,)
 
-    # Row t of hidden predicts token t + 1: pair hidden[:, :-1] with input_ids[:, 1:].
-    scored = completion_mask[:, 1:].bool()  # (B, T-1)
-    targets = input_ids[:, 1:][scored]  # (N,)
-    seq_index = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(scored)[scored]
-    token_logps = _ChunkedTokenLogps.apply(hidden[:, :-1][scored], weight, targets, chunk_size, softcap)  # (N,)
-
-    logps = token_logps.new_zeros(input_ids.shape[0]).index_add(0, seq_index, token_logps)  # (B,)
-    return logps, scored.sum(dim=-1)
+    logps = token_logps.new_zeros(batch).index_add(0, rows // seq_len, token_logps)  # (B,)
+    return logps, predicts.sum(dim=-1)
 
 
 def naive_sequence_logps(

@@ -158,7 +158,8 @@ def test_disabled_adapter_scores_the_base_model():
         with model.disable_adapter():
             ref, _ = sequence_logps(model, input_ids, attention_mask, completion_mask)
         policy, _ = sequence_logps(model, input_ids, attention_mask, completion_mask)
-    torch.testing.assert_close(ref, expected, atol=1e-5, rtol=0)
+    # 1e-4, the tolerance of every lean-vs-naive comparison here (issue 3): sums of ~60 in float32
+    torch.testing.assert_close(ref, expected, atol=1e-4, rtol=0)
     assert (policy - ref).abs().max() > 1e-3, "random LoRA weights should change the log-probs"
 
 
