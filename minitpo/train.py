@@ -124,8 +124,11 @@ def _optimizer(params, cfg: TrainConfig, device: str):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_accuracy", "margin")  # what _batch_loss sums
+
+
 def _batch_loss(model, examples, refs, pad_id, cfg: TrainConfig, device):
-    """Mean loss over the batch and its metrics. refs: (B, 2) reference log-probs."""
+    """(mean loss over the batch, (5,) tensor of METRICS summed over it). refs: (B, 2) reference log-probs."""
     logps, n_tokens = _forward(model, examples, pad_id, device, cfg.logps_chunk)
     b = len(examples)
     ref = torch.tensor(refs, dtype=torch.float32, device=logps.device)
@@ -134,13 +137,11 @@ def _batch_loss(model, examples, refs, pad_id, cfg: TrainConfig, device):
     )
     if cfg.nll_weight > 0:
         losses = losses + cfg.nll_weight * nll_loss(logps[:b], n_tokens[:b])
-    metrics = {
-        "loss": losses.detach().sum().item(),
-        "chosen_reward": chosen_rewards.sum().item(),
-        "rejected_reward": rejected_rewards.sum().item(),
-        "reward_accuracy": (chosen_rewards > rejected_rewards).float().sum().item(),
-        "margin": (chosen_rewards - rejected_rewards).sum().item(),
-    }
+    # Sums over the batch in METRICS order, left on the device: reading them waits for the GPU, which must
+    # not happen between forward and backward (the GPU would idle while the CPU launches the backward).
+    metrics = torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                           (chosen_rewards > rejected_rewards).float().sum(),
+                           (chosen_rewards - rejected_rewards).sum()]).detach()
     return losses.mean(), metrics
 
 
@@ -149,13 +150,10 @@ def evaluate(model, examples, refs, pad_id, cfg: TrainConfig, device) -> dict:
     """Mean DPO loss and reward accuracy on held-out pairs (dropout off)."""
     was_training = model.training
     model.eval()
-    totals: dict[str, float] = {}
-    for batch in _length_batches(examples, cfg.batch_size):
-        _, metrics = _batch_loss(model, [examples[i] for i in batch], [refs[i] for i in batch], pad_id, cfg, device)
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v
+    sums = sum(_batch_loss(model, [examples[i] for i in batch], [refs[i] for i in batch], pad_id, cfg, device)[1]
+               for batch in _length_batches(examples, cfg.batch_size))
     model.train(was_training)
-    return {k: v / len(examples) for k, v in totals.items()}
+    return {k: v / len(examples) for k, v in zip(METRICS, sums.tolist())}
 
 
 def train_adapter(model, examples: list[Example], refs: list[tuple[float, float]], pad_id: int,
@@ -186,14 +184,14 @@ def train_adapter(model, examples: list[Example], refs: list[tuple[float, float]
         for start in range(0, len(batches), cfg.grad_accum):
             group = batches[start:start + cfg.grad_accum]
             n_pairs = sum(len(b) for b in group)
-            t0, sums, n_tok = time.perf_counter(), {}, 0
+            t0, sums, n_tok = time.perf_counter(), 0, 0
             for batch in group:
                 ex = [train_ex[i] for i in batch]
                 loss, metrics = _batch_loss(model, ex, [train_refs[i] for i in batch], pad_id, cfg, device)
                 (loss * len(batch) / n_pairs).backward()  # weight by pairs: every pair counts the same
                 n_tok += sum(e.n_tokens for e in ex)
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                sums = sums + metrics
+            sums = dict(zip(METRICS, sums.tolist()))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
             optimizer.step()
             scheduler.step()
