@@ -4,18 +4,20 @@ One step = one forward of the chosen and rejected sequences concatenated into a 
 DPO loss, backward, and an AdamW step on the LoRA weights. The reference log-probs are computed once before
 timing (adapters off, no grad) and reused: they are the same for both variants. Both variants run in
 this one process on the same model and batch, each starting from the same LoRA weights with a fresh
-optimizer; a few warm-up steps, then timed steps.
+optimizer; a few warm-up steps, then timed steps. That is one round; --rounds repeats it with the order of
+the variants alternating (lean first, then naive first, ...), and step times are averaged over the rounds:
+on an H100 whichever variant ran first was 5-10% slower, both ways round, so a single order biases the ratio.
 
 Reported per variant: seconds per step, tokens per second (real, non-padding tokens of the 2B sequences)
 and peak memory: on CUDA torch.cuda.max_memory_allocated (weights included; reset after warm-up); on CPU the
 process's peak resident set size, VmHWM from /proc/self/status, reset through /proc/self/clear_refs before
-each variant (Linux). The lean variant runs first so that memory the allocator keeps after naive's large
-tensors cannot inflate lean's CPU peak.
+each variant (Linux). Memory is the smallest over the rounds: on CPU, memory the allocator keeps after
+naive's large tensors inflates the peak RSS of whatever runs next, so lean's true peak is the round it ran first.
 
     # CPU, about a minute: a 2-layer model with Qwen2.5's 151,936-token vocabulary
     python benchmarks/train_step.py --shape tiny --batch 2 --seq-len 256 --steps 3
     # one H100: Qwen2.5-1.5B's shape with random weights, QLoRA
-    python benchmarks/train_step.py --shape qwen1.5b --quant nf4 --batch 8 --seq-len 1024 --steps 5
+    python benchmarks/train_step.py --shape qwen1.5b --quant nf4 --batch 8 --seq-len 1024 --steps 5 --rounds 4
 
 On CUDA the base weights are bf16 (NF4 with bf16 compute for --quant nf4) under bf16 autocast, LoRA weights
 float32; on CPU everything is float32.
@@ -173,6 +175,16 @@ def run_variant(model, logps_fn, batch, refs, lora_init, args, device, autocast)
                 first_loss=first_loss)
 
 
+def summarize(runs):
+    """One variant's rounds -> step time and tokens/s averaged, memory the smallest (see the docstring)."""
+    if any(run is None for run in runs):
+        return None
+    step_s = sum(run["step_s"] for run in runs) / len(runs)
+    return dict(step_s=step_s, tokens_per_s=runs[0]["tokens_per_s"] * runs[0]["step_s"] / step_s,
+                peak_gib=min(run["peak_gib"] for run in runs), step_gib=min(run["step_gib"] for run in runs),
+                first_loss=runs[0]["first_loss"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -185,8 +197,13 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (at least 1)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="lean variant: tokens per logits chunk")
+    parser.add_argument("--profile", action="store_true", help="then profile one more step per variant and print "
+                        "the operators that took the most time (torch.profiler)")
+    parser.add_argument("--trace-dir", help="with --profile: also write each variant's Chrome trace here (gzipped)")
+    parser.add_argument("--rounds", type=int, default=2, help="repeat warm-up + timed steps of both variants, "
+                        "alternating which runs first; times are averaged over rounds")
     args = parser.parse_args()
-    assert args.warmup >= 1, "--warmup must be at least 1"
+    assert args.warmup >= 1 and args.rounds >= 1, "--warmup and --rounds must be at least 1"
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda" and device.index is None:
@@ -211,14 +228,21 @@ def main():
           f"({n_trainable / 1e6:.1f}M trainable), checkpointing {'on' if args.checkpointing else 'off'}")
     print(f"batch {args.batch} pairs x {args.seq_len} tokens, {int(batch[1].sum())} real tokens/step, "
           f"{int(batch[2][:, 1:].sum())} scored; chunk {args.chunk_size}; {args.warmup} warm-up + "
-          f"{args.steps} timed steps; memory = {memory_kind}")
+          f"{args.steps} timed steps, {args.rounds} rounds; memory = {memory_kind}")
 
     variants = {
         "lean": functools.partial(sequence_logps, chunk_size=args.chunk_size),
         "naive": naive_sequence_logps,
     }
-    results = {name: run_variant(model, fn, batch, refs, lora_init, args, device, autocast)
-               for name, fn in variants.items()}
+    order = list(variants)
+    rounds = {name: [] for name in order}
+    for r in range(args.rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            rounds[name].append(run_variant(model, variants[name], batch, refs, lora_init, args, device, autocast))
+    results = {name: summarize(runs) for name, runs in rounds.items()}
+    for name in order:
+        if results[name]:
+            print(f"{name} step_s per round: " + ", ".join(f"{run['step_s']:.3f}" for run in rounds[name]))
 
     # peak_GiB: the whole process (CPU) or all CUDA tensors, weights included; step_GiB: peak minus what was
     # held before the variant's first step, i.e. what the training step itself adds.
@@ -234,6 +258,26 @@ def main():
     if results["naive"] and results["lean"]:
         ratios = [results["lean"][c] / results["naive"][c] for c in columns]
         print(f"{'lean/naive':<12}{ratios[0]:>10.2f}{ratios[1]:>12.2f}{ratios[2]:>11.2f}{ratios[3]:>11.2f}")
+    if args.profile:
+        for name, fn in variants.items():
+            profile_step(name, model, fn, batch, refs, device, autocast, args.trace_dir)
+
+
+def profile_step(name, model, logps_fn, batch, refs, device, autocast, trace_dir):
+    """One more step under torch.profiler; prints the 15 operators with the most self time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    with torch.profiler.profile(activities=activities) as prof:
+        train_step(model, optimizer, logps_fn, batch, *refs, autocast)
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n{name}: operators by self time")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=50))
+    if trace_dir:
+        os.makedirs(trace_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(trace_dir, f"{name}.json.gz"))
 
 
 if __name__ == "__main__":
