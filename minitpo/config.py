@@ -342,6 +342,8 @@ def _check_files(recipe: Recipe) -> None:
     model = recipe.policy.model
     if _looks_like_path(model) and not Path(model).exists():
         raise UserError(f"policy.model: {model!r} does not exist; give a local model folder, a .gguf file or a Hub id")
+    if not Path(model).exists():
+        _check_hub_id("policy.model", model)
     data = Path(recipe.data.instructions)
     if not data.is_file():
         raise UserError(f"data.instructions: {str(data)!r} does not exist; give a .jsonl or .txt file of instructions")
@@ -353,6 +355,8 @@ def _check_files(recipe: Recipe) -> None:
         with open(gguf, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise UserError(f"judge.model: {judge.model!r} is not a GGUF file (bad magic bytes); give a .gguf model")
+    if judge.type == "reward_model" and judge.model and not Path(judge.model).exists():
+        _check_hub_id("judge.model", judge.model)
     if judge.prompt and not Path(judge.prompt).is_file():
         raise UserError(f"judge.prompt: {judge.prompt!r} does not exist; give a template file or remove the key")
     if recipe.thought.template not in ("generic", "specific", "direct"):
@@ -361,3 +365,25 @@ def _check_files(recipe: Recipe) -> None:
         load_template(recipe.thought.template, recipe.thought.marker)
     if os.path.isfile(recipe.out or ""):
         raise UserError(f"out: {recipe.out!r} is a file; give a directory for the run")
+
+
+def _check_hub_id(key: str, repo_id: str) -> None:
+    """A Hub id must be in the local Hugging Face cache or downloadable now. Fails here, in one line, rather
+    than after the model loader's retries (about 25 s of warnings when huggingface.co is unreachable)."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            HfApi().model_info(repo_id, timeout=10)
+            return
+        except RepositoryNotFoundError:
+            reason = "the Hub has no such model (or it is private and no token is set)"
+        except Exception as e:  # DNS, connection, proxy, timeout: all mean "not downloadable from here"
+            reason = f"huggingface.co cannot be reached ({str(e).splitlines()[0][:80]})"
+    raise UserError(f"{key}: {repo_id!r} is not in the local Hugging Face cache and {reason}; give a local "
+                    f"model folder or .gguf file, or download it first (hf download {repo_id})")

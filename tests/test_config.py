@@ -80,6 +80,37 @@ def test_malformed_yaml_and_not_a_gguf(files):
         load_recipe(write(files, BASE), [f"judge.model={files / 'fake.gguf'}"])
 
 
+@pytest.fixture
+def hub_offline(tmp_path, monkeypatch):
+    """An empty Hugging Face cache and HF_HUB_OFFLINE: no test depends on whether huggingface.co answers."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"
+
+
+def test_hub_id_neither_cached_nor_reachable_is_one_line(files, hub_offline):
+    with pytest.raises(UserError) as e:
+        load_recipe(write(files, BASE), ["policy.model=someone/no-such-model"])
+    message = str(e.value)
+    assert message.startswith("policy.model: 'someone/no-such-model' is not in the local Hugging Face cache")
+    assert "HF_HUB_OFFLINE" in message and "hf download someone/no-such-model" in message and "\n" not in message
+    with pytest.raises(UserError, match="judge.model: 'someone/no-rm' is not in the local"):
+        load_recipe(write(files, BASE), ["judge.type=reward_model", "judge.model=someone/no-rm"])
+
+
+def test_cached_hub_id_passes_offline(files, hub_offline):
+    # the layout huggingface_hub writes: refs/main names the snapshot that holds the files
+    repo = hub_offline / "models--someone--cached-model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    recipe = load_recipe(write(files, BASE), ["policy.model=someone/cached-model"])
+    assert recipe.policy.model == "someone/cached-model"
+
+
 def test_missing_required_key(files):
     with pytest.raises(UserError, match="policy: missing"):
         load_recipe(write(files, "data: {instructions: data.jsonl}\njudge: {model: judge.gguf}\n"))
