@@ -25,7 +25,7 @@ def run(recipe, overrides, out, fresh):
     """Run the TPO iterations of RECIPE (a YAML file), resuming a run that was stopped.
 
     OVERRIDES are dotted KEY=VALUE pairs applied on top of the recipe, e.g. sampling.k=4 train.lr=1e-5."""
-    from minitpo.config import load_recipe
+    from minitpo.recipe import load_recipe
     from minitpo.loop import run as run_loop
 
     if out:

