@@ -50,8 +50,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     with a frozen weight, -d token_logps[i] / d hidden[i] as (N, H); else hidden, weight (references, not
     copies) and targets. Never the (N, V) logits.
     Matmuls run in weight.dtype (bf16 under QLoRA), softmax arithmetic in float32. Autocast is switched off
-    inside so the dtypes are the ones written here whatever the caller's context. Each chunk makes four
-    passes over its (c, V) values: log_softmax (with the float32 cast), gather, exp, cast for the matmul.
+    inside so the dtypes are the ones written here whatever the caller's context. Per chunk, the (c, V)
+    values see: the matmul, log_softmax (with its float32 cast), exp in place and the cast for the second
+    matmul; at most one chunk's buffers are alive at a time (c x V x 10 bytes with a bf16 weight).
     """
 
     @staticmethod
@@ -72,6 +73,8 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 if eager:
                     grad = _softmax_minus_onehot(logp, chunk_targets, tanh).to(weight.dtype)
                     neg_unit_grad[start:end] = grad @ weight
+                    del grad
+                del logp, tanh  # before the next chunk allocates its own: one chunk's buffers alive, not two
         ctx.save_for_backward(*((neg_unit_grad,) if eager else (hidden, weight, targets)))
         ctx.eager, ctx.chunk_size, ctx.softcap = eager, chunk_size, softcap
         return token_logps
@@ -97,6 +100,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                     grad_hidden[start:end] = (grad @ weight).to(hidden.dtype)  # (c, H)
                 if need_weight:
                     grad_weight += (grad.t() @ hidden[start:end].to(weight.dtype)).float()  # (V, H)
+                del logp, tanh, grad
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
