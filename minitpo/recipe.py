@@ -191,11 +191,7 @@ def _describe(tp) -> str:
 
 
 def _check_files(recipe: Recipe) -> None:
-    model = recipe.policy.model
-    if _looks_like_path(model) and not Path(model).exists():
-        raise UserError(f"policy.model: {model!r} does not exist; give a local model folder, a .gguf file or a Hub id")
-    if not Path(model).exists():
-        _check_hub_id("policy.model", model)
+    _check_model("policy.model", recipe.policy.model, "give a local model folder, a .gguf file or a Hub id")
     data = Path(recipe.data.instructions)
     if not data.is_file():
         raise UserError(f"data.instructions: {str(data)!r} does not exist; give a .jsonl or .txt file of instructions")
@@ -207,8 +203,8 @@ def _check_files(recipe: Recipe) -> None:
         with open(gguf, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise UserError(f"judge.model: {judge.model!r} is not a GGUF file (bad magic bytes); give a .gguf model")
-    if judge.type == "reward_model" and judge.model and not Path(judge.model).exists():
-        _check_hub_id("judge.model", judge.model)
+    if judge.type == "reward_model" and judge.model:
+        _check_model("judge.model", judge.model, "give a Hub id or a local folder of a reward model")
     if judge.prompt and not Path(judge.prompt).is_file():
         raise UserError(f"judge.prompt: {judge.prompt!r} does not exist; give a template file or remove the key")
     if recipe.thought.template not in ("generic", "specific", "direct"):
@@ -219,14 +215,26 @@ def _check_files(recipe: Recipe) -> None:
         raise UserError(f"out: {recipe.out!r} is a file; give a directory for the run")
 
 
-def _check_hub_id(key: str, repo_id: str) -> None:
+def _check_model(key: str, value: str, fix: str) -> None:
+    """A model named by a path must exist; anything else is a Hub id, which must be cached or downloadable."""
+    if Path(value).exists():
+        return
+    if _looks_like_path(value):
+        raise UserError(f"{key}: {value!r} does not exist; {fix}")
+    _check_hub_id(key, value, fix)
+
+
+def _check_hub_id(key: str, repo_id: str, fix: str) -> None:
     """A Hub id must be in the local Hugging Face cache or downloadable now. Fails here, in one line, rather
     than after the model loader's retries (about 25 s of warnings when huggingface.co is unreachable)."""
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 
-    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-        return
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+    except HFValidationError:
+        raise UserError(f"{key}: {repo_id!r} is neither an existing path nor a Hub id (org/name); {fix}") from None
     if constants.HF_HUB_OFFLINE:
         reason = "HF_HUB_OFFLINE is set"
     else:

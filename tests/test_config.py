@@ -100,6 +100,13 @@ def test_hub_id_neither_cached_nor_reachable_is_one_line(files, hub_offline):
         load_recipe(write(files, BASE), ["judge.type=reward_model", "judge.model=someone/no-rm"])
 
 
+def test_reward_model_path_or_bad_id_is_one_line(files, hub_offline):
+    with pytest.raises(UserError, match=r"judge.model: '.*no/such/rm' does not exist; give a Hub id or a local"):
+        load_recipe(write(files, BASE), ["judge.type=reward_model", "judge.model=./no/such/rm"])
+    with pytest.raises(UserError, match="policy.model: 'not an id' is neither an existing path nor a Hub id"):
+        load_recipe(write(files, BASE), ["policy.model=not an id"])
+
+
 def test_cached_hub_id_passes_offline(files, hub_offline):
     # the layout huggingface_hub writes: refs/main names the snapshot that holds the files
     repo = hub_offline / "models--someone--cached-model"
