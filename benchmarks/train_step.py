@@ -175,12 +175,13 @@ def run_variant(model, logps_fn, batch, refs, lora_init, args, device, autocast)
                 first_loss=first_loss)
 
 
-def summarize(runs):
-    """One variant's rounds -> step time and tokens/s averaged, memory the smallest (see the docstring)."""
+def summarize(runs, n_tokens):
+    """One variant's rounds -> mean step time (and the tokens/s it gives), memory the smallest (see the
+    docstring)."""
     if any(run is None for run in runs):
         return None
     step_s = sum(run["step_s"] for run in runs) / len(runs)
-    return dict(step_s=step_s, tokens_per_s=runs[0]["tokens_per_s"] * runs[0]["step_s"] / step_s,
+    return dict(step_s=step_s, tokens_per_s=n_tokens / step_s,
                 peak_gib=min(run["peak_gib"] for run in runs), step_gib=min(run["step_gib"] for run in runs),
                 first_loss=runs[0]["first_loss"])
 
@@ -239,7 +240,7 @@ def main():
     for r in range(args.rounds):
         for name in order if r % 2 == 0 else order[::-1]:
             rounds[name].append(run_variant(model, variants[name], batch, refs, lora_init, args, device, autocast))
-    results = {name: summarize(runs) for name, runs in rounds.items()}
+    results = {name: summarize(runs, int(batch[1].sum())) for name, runs in rounds.items()}
     for name in order:
         if results[name]:
             print(f"{name} step_s per round: " + ", ".join(f"{run['step_s']:.3f}" for run in rounds[name]))
