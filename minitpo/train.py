@@ -184,14 +184,14 @@ def train_adapter(model, examples: list[Example], refs: list[tuple[float, float]
         for start in range(0, len(batches), cfg.grad_accum):
             group = batches[start:start + cfg.grad_accum]
             n_pairs = sum(len(b) for b in group)
-            t0, sums, n_tok = time.perf_counter(), 0, 0
+            t0, totals, n_tok = time.perf_counter(), 0, 0  # totals: METRICS summed, on the device
             for batch in group:
                 ex = [train_ex[i] for i in batch]
                 loss, metrics = _batch_loss(model, ex, [train_refs[i] for i in batch], pad_id, cfg, device)
                 (loss * len(batch) / n_pairs).backward()  # weight by pairs: every pair counts the same
                 n_tok += sum(e.n_tokens for e in ex)
-                sums = sums + metrics
-            sums = dict(zip(METRICS, sums.tolist()))
+                totals = totals + metrics
+            sums = dict(zip(METRICS, totals.tolist()))  # one wait for the GPU per update, after backward
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
             optimizer.step()
             scheduler.step()
