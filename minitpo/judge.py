@@ -160,7 +160,7 @@ def open_llama_judge(cfg):
     from llama_cpp import Llama  # optional dependency: only the llama_cpp judge needs it
 
     try:
-        with _quiet_stderr():
+        with _quiet_stderr(), _no_weight_repacking():
             # n_batch <= 512 is a multiple of KEEP_ALIGN, or it is n_ctx and holds any prompt in one batch
             llm = Llama(model_path=str(path), n_ctx=cfg.n_ctx, n_batch=min(512, cfg.n_ctx or 512),
                         n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads, logits_all=False,
@@ -178,6 +178,38 @@ def open_llama_judge(cfg):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # not glibc
             pass
+
+
+@contextmanager
+def _no_weight_repacking():
+    """Load GGUF weights as stored: `use_extra_bufts = False` in llama_model_params (llama.cpp's
+    `--no-repack`).
+
+    Why: with extra buffer types on, llama.cpp copies the weights of quantized types (Q4_0, Q4_1, Q8_0,
+    K-quants) into a CPU-specific layout at load time. On a CPU with AMX (Sapphire Rapids and later)
+    that layout is the AMX buffer, and its matmul (ggml_backend_amx_mul_mat) dies on the first eval in
+    llama-cpp-python 0.3.36: SIGILL on `tileloadd` in an OpenMP worker thread here, SIGSEGV on another
+    machine (upstream: llama.cpp PR 26954, tile config and per-thread AMX permission). F32/F16 GGUFs
+    never take that path. Measured on 2 AMX cores, SmolLM2-135M Q4_1: crash with repacking, 11.4
+    responses/s without; the F32 tiny judge is as fast either way (see benchmarks/RESULTS.md).
+
+    llama-cpp-python's Llama has no argument for the field, and builds its params from
+    llama_model_default_params() inside __init__; so, for the duration of the constructor only, that
+    factory returns defaults with the field off."""
+    import llama_cpp.llama_cpp as lib
+
+    factory = lib.llama_model_default_params
+
+    def defaults_without_repacking():
+        params = factory()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = defaults_without_repacking
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = factory
 
 
 @contextmanager

@@ -289,3 +289,48 @@ def test_python_judge_bad_function_is_a_user_error(judge_module, function):
 
 def test_empty_input_loads_nothing():
     assert judge.judge_responses(Cfg(model="/no/such/model.gguf"), [], [], progress=False) == []
+
+
+# ---------------------------------------------------------------------------------------------- quantized
+
+SCORE_IN_CHILD = """
+import json, sys
+from minitpo import judge
+from minitpo.config import JudgeConfig
+instructions, responses = json.loads(sys.argv[2])
+out = judge.judge_responses_detailed(JudgeConfig(model=sys.argv[1]), instructions, responses, progress=False)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q4_1", "Q8_0"])
+def test_quantized_gguf_scores_through_the_judge(tmp_path, ftype):
+    """A GGUF quantized here, at test time, scored through minitpo's judge with its default settings.
+    Quantized weights are what llama.cpp repacks for the CPU (AMX on Sapphire Rapids and later, where
+    repacking crashed the first eval: see judge._no_weight_repacking); the F32 fixtures never take that
+    path. 256-wide rows, so Q4_K_M gets real K-quant blocks instead of falling back to Q5_0/Q8_0. The
+    scoring runs in a child process, so a crash is this test failing with its signal, not the suite
+    dying."""
+    import json
+    import subprocess
+    import sys
+
+    import llama_cpp
+
+    source = write_tiny_gguf(tmp_path / "f32.gguf", chat_template=CHAT_TEMPLATE, n_embd=256)
+    quantized = tmp_path / f"{ftype}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(quantized).encode(), params) == 0
+    assert quantized.stat().st_size < source.stat().st_size / 3  # the weights really are quantized
+
+    instructions, responses = _groups(2, 3)
+    child = subprocess.run([sys.executable, "-c", SCORE_IN_CHILD, str(quantized), json.dumps([instructions, responses])],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, f"judging with a {ftype} GGUF died (exit {child.returncode}): {child.stderr[-2000:]}"
+    out = json.loads(child.stdout.splitlines()[-1])
+    scores = [r["score"] for r in out]
+    assert len(scores) == len(responses) and all(1.0 <= s <= 9.0 for s in scores)
+    with judge.open_llama_judge(Cfg(model=str(source))) as llm:  # and it agrees with its F32 source
+        f32 = judge.score_with_llama(llm, judge.JUDGE_PROMPT, instructions, responses)
+    assert np.allclose(scores, [r["score"] for r in f32], atol=0.1, rtol=0)
