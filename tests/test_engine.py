@@ -193,6 +193,38 @@ def test_sample_next_follows_temperature_and_top_p():
     assert not chi2_ok(counts, hf_probs(logits, 1.0, 0.9)), "the test must tell temperature 0.7 from 1.0"
 
 
+@pytest.mark.parametrize("spread, wide", [(3.0, False), (0.05, True)])
+def test_sample_next_candidate_shortcut_gives_hf_distribution(spread, wide):
+    """The CPU shortcut (the nucleus looked for among the top `candidates` tokens) against HF's
+    warpers: a peaked row whose nucleus fits in 8 candidates, and a flat one whose nucleus does not
+    (it must take the full sort). Both draw exactly from HF's nucleus with HF's probabilities."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 64, generator=gen) * spread
+    probs = hf_probs(logits, 0.8, 0.9)
+    assert ((probs > 0).sum() > 8) == wide  # the case is the one named
+    scaled = logits / 0.8
+    top_mass = (scaled.topk(8).values - scaled.logsumexp(-1)).exp().sum()
+    assert (top_mass < 0.9) == wide
+    n = 40_000
+    toks = sample_next(logits.expand(n, -1), 0.8, 0.9, torch.rand(n, generator=gen), candidates=8)
+    counts = torch.bincount(toks, minlength=64)
+    assert counts[probs == 0].sum() == 0, "tokens outside the nucleus must never be drawn"
+    assert chi2_ok(counts, probs)
+    assert not chi2_ok(counts, hf_probs(logits, 1.0, 0.9)), "the test must tell temperature 0.8 from 1.0"
+
+
+def test_sample_next_mixed_rows_take_each_path():
+    """One batch with a peaked and a flat row: each row's draws stay inside its own nucleus."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.cat([torch.randn(1, 64, generator=gen) * 3.0, torch.randn(1, 64, generator=gen) * 0.05])
+    n = 5_000
+    toks = sample_next(logits.repeat_interleave(n, 0), 0.8, 0.9, torch.rand(2 * n, generator=gen), candidates=8)
+    for row in range(2):
+        probs = hf_probs(logits[row:row + 1], 0.8, 0.9)
+        counts = torch.bincount(toks[row * n:(row + 1) * n], minlength=64)
+        assert counts[probs == 0].sum() == 0 and chi2_ok(counts, probs)
+
+
 def test_first_token_distribution_end_to_end():
     """4,000 copies of one prompt, one new token each: the empirical distribution of that token
     equals HF's temperature + top-p distribution over the model's logits."""
