@@ -63,6 +63,9 @@ class SamplingConfig:
     seed: int = 0  # iteration t samples with seed + t
     engine: Literal["fast", "generate"] = "fast"  # fast: minitpo/engine.py; generate: plain transformers
     stop: tuple[str, ...] = ()  # texts that end an output like EOS (for base models that never emit EOS)
+    force_marker: bool = False  # the thought gets half of max_new_tokens; an output that ends or reaches
+    #   that before the marker gets it appended and goes on to its response (s1-style budget forcing),
+    #   for small models that do not write the format by themselves. Off in the paper's recipes
 
     def __post_init__(self):
         _check(self.k >= 2, "sampling.k", self.k, "use 2 or more: a pair needs two candidates")
@@ -150,6 +153,7 @@ class Recipe:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     iterations: int = 4  # paper: 4
+    evaluate: bool = False  # after the last iteration, `minitpo eval` it against the seed (held-out win rate)
     out: str | None = None  # run directory; default runs/<recipe name>
 
     def __post_init__(self):

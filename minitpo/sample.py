@@ -4,6 +4,13 @@ Consumes the policy (a peft model) and its tokenizer, a slice of `Instruction`s,
 `SamplingConfig`. Produces one `Candidate` per sample: the raw text, its split into thought and
 response (or a parse failure), its token count and whether it hit `max_new_tokens` (a truncated
 output is a parse failure: its response was cut off mid-way).
+
+With `sampling.force_marker`, the thought gets half of `max_new_tokens`: an output that ends, or
+reaches that half, before writing the template's marker gets the marker appended and is sampled on
+until its response ends, within the same total budget (as s1's budget forcing ends a thought,
+Muennighoff et al. 2025). Such a candidate is `forced`; DPO then trains on the whole text, marker
+included, so the model can learn to write the marker itself, and the loop records how often it did
+(the natural marker rate).
 """
 
 from dataclasses import dataclass
@@ -27,6 +34,7 @@ class Candidate:
     n_tokens: int  # new tokens, EOS excluded
     truncated: bool  # stopped by max_new_tokens instead of EOS
     category: str = ""
+    forced: bool = False  # the marker was appended by sampling.force_marker, not written by the model
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -51,28 +59,68 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg, s
     prompts = [build_prompt(tokenizer, template, ins.text, system_prompt) for ins in instructions]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     jobs = [(i, j) for i in range(len(instructions)) for j in range(k or cfg.k)]
-    with tqdm(total=len(jobs), desc="sample", unit="seq", dynamic_ncols=True, disable=not progress) as bar:
-        outputs = engine(
-            model, [prompt_ids[i] for i, _ in jobs],
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-            eos_token_ids=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-            batch_size=cfg.batch_size, seed=seed, progress=bar.update,
-        )
+
+    def run(job_prompts, max_new_tokens, desc):
+        """(text, n_tokens, ended) per prompt: decoded, cut at the first stop text."""
+        with tqdm(total=len(job_prompts), desc=desc, unit="seq", dynamic_ncols=True, disable=not progress) as bar:
+            outputs = engine(
+                model, job_prompts, max_new_tokens=max_new_tokens, temperature=cfg.temperature,
+                top_p=cfg.top_p, eos_token_ids=eos_token_ids(model, tokenizer),
+                pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, seed=seed, progress=bar.update,
+            )
+        return [_stop(tokenizer, new_ids, hit_eos, cfg.stop) for new_ids, hit_eos in outputs]
+
+    force = cfg.force_marker and template.marker is not None
+    first_budget = max(1, cfg.max_new_tokens // 2) if force else cfg.max_new_tokens
+    results = run([prompt_ids[i] for i, _ in jobs], first_budget, "sample")
+    forced = [False] * len(jobs)
+    if force:
+        # Every output not yet finished with a response goes on, in one batch: one that stopped or ran
+        # out of thought budget without the marker gets it appended; one cut off after writing it just
+        # continues. A continuation that overruns its own share of the budget is truncated.
+        todo = []
+        for n, ((i, _), (text, n_tokens, ended)) in enumerate(zip(jobs, results)):
+            has_marker = template.marker in text
+            if ended and has_marker:
+                continue
+            head = text if has_marker else text.rstrip() + "\n\n" + template.marker
+            head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+            if len(head_ids) < cfg.max_new_tokens:
+                todo.append((n, head, head_ids))
+                forced[n] = not has_marker
+        if todo:
+            budget = cfg.max_new_tokens - min(len(h) for _, _, h in todo)
+            tails = run([prompt_ids[jobs[n][0]] + h for n, _, h in todo], budget, "sample (response)")
+            for (n, head, head_ids), (tail, n_tail, ended) in zip(todo, tails):
+                left = cfg.max_new_tokens - len(head_ids)
+                if n_tail > left:  # over its own budget: cut there, truncated
+                    tail = tokenizer.decode(tokenizer(tail, add_special_tokens=False)["input_ids"][:left])
+                results[n] = (head + tail, len(head_ids) + min(n_tail, left), ended and n_tail <= left)
+
     candidates = []
-    for (i, j), (new_ids, hit_eos) in zip(jobs, outputs):
-        text = tokenizer.decode(new_ids, skip_special_tokens=True)
-        cut = min((text.find(s) for s in cfg.stop if s in text), default=-1)
-        if cut >= 0:  # a stop text ends the output as EOS would; tokens after it are dropped
-            text, hit_eos = text[:cut], True
-            new_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        split = split_output(text, template) if hit_eos else None
+    for (i, j), (text, n_tokens, ended), was_forced in zip(jobs, results, forced):
+        split = split_output(text, template) if ended else None
         ins = instructions[i]
         candidates.append(Candidate(
             instruction_id=ins.id, instruction=ins.text, prompt=prompts[i], index=j, text=text,
             thought=split[0] if split else "", response=split[1] if split else "",
-            parsed=split is not None, n_tokens=len(new_ids), truncated=not hit_eos, category=ins.category,
+            parsed=split is not None, n_tokens=n_tokens, truncated=not ended, category=ins.category,
+            forced=was_forced,
         ))
     return candidates
+
+
+def _stop(tokenizer, new_ids: list[int], hit_eos: bool, stops) -> tuple[str, int, bool]:
+    """(text, n_tokens, ended): a stop text ends the output as EOS would; tokens after it are dropped.
+    Leading whitespace is not searched, so a stop of "\n\n" ends a paragraph, not an output that
+    merely begins with a blank line (as a response after its marker often does)."""
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    start = len(text) - len(text.lstrip())
+    cut = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        text, hit_eos = text[:cut], True
+        new_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text, len(new_ids), hit_eos
 
 
 @torch.no_grad()

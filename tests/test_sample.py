@@ -44,3 +44,42 @@ def test_stop_text_ends_an_output_like_eos(policy):
         assert b.text == a.text[:a.text.find("Here is my response:")]
         assert not b.truncated and not b.parsed  # finished, but without its response
         assert b.n_tokens == len(tokenizer(b.text, add_special_tokens=False)["input_ids"])
+
+
+def test_force_marker_appends_the_marker_and_samples_the_response(policy):
+    """Greedy, so that a forced run's first half is the plain run's first half token for token."""
+    model, tokenizer = policy
+    instructions = load_instructions(TINY / "instructions.jsonl")[:8]
+    cfg = SamplingConfig(k=2, max_new_tokens=48, batch_size=16, temperature=0.0)
+    # A stop at the marker: the plain outputs never contain it, so every one is a forced candidate.
+    stop = dataclasses.replace(cfg, stop=("Here is my response:",))
+    plain = sample_candidates(model, tokenizer, instructions, GENERIC, stop, seed=0, progress=False)
+    forced = sample_candidates(model, tokenizer, instructions, GENERIC,
+                               dataclasses.replace(stop, force_marker=True, stop=()), seed=0, progress=False)
+    assert not any(c.parsed for c in plain)
+    half = cfg.max_new_tokens // 2
+    n_forced = 0
+    for a, b in zip(plain, forced):
+        assert b.n_tokens <= cfg.max_new_tokens and b.text.count(GENERIC.marker) == 1
+        assert b.parsed == (not b.truncated and split_output(b.text, GENERIC) is not None)
+        if b.forced:  # the thought is the model's own output, cut at the thought budget, then the marker
+            n_forced += 1
+            thought, marker, _ = b.text.partition("\n\n" + GENERIC.marker)
+            assert marker and a.text.startswith(thought)
+            assert len(tokenizer(thought, add_special_tokens=False)["input_ids"]) <= half + 1
+        else:  # the model wrote the marker itself, within its first half: the plain run stopped there
+            assert b.text.startswith(a.text) and b.text[len(a.text):].startswith(GENERIC.marker)
+    assert n_forced >= 8
+    assert sum(c.parsed for c in forced) >= 8  # forcing turns format failures into parsed candidates
+
+
+def test_force_marker_does_nothing_without_a_marker(policy):
+    from minitpo.prompts import DIRECT
+
+    model, tokenizer = policy
+    instructions = load_instructions(TINY / "instructions.jsonl")[:4]
+    cfg = SamplingConfig(k=2, max_new_tokens=32, batch_size=8, temperature=0.0)
+    plain = sample_candidates(model, tokenizer, instructions, DIRECT, cfg, seed=0, progress=False)
+    forced = sample_candidates(model, tokenizer, instructions, DIRECT,
+                               dataclasses.replace(cfg, force_marker=True), seed=0, progress=False)
+    assert [c.text for c in plain] == [c.text for c in forced] and not any(c.forced for c in forced)
