@@ -30,8 +30,13 @@ def run(recipe, overrides, out, fresh):
 
     if out:
         overrides = (*overrides, f"out={out}")
-    out_dir = run_loop(load_recipe(recipe, list(overrides)), fresh=fresh)
+    recipe = load_recipe(recipe, list(overrides))
+    out_dir = run_loop(recipe, fresh=fresh)
     click.echo(f"done: {out_dir}")
+    if recipe.evaluate:
+        from minitpo.evaluate import evaluate, summary_text
+
+        click.echo(summary_text(evaluate(out_dir)))
 
 
 @cli.command()
@@ -50,11 +55,12 @@ def report(run_dir):
 @click.option("--against", default="seed", show_default=True,
               help="The model to compare with: seed (the base model, no adapter) or iter-N.")
 def eval_(run_dir, model, against):
-    """Win rate of --model against --against on RUN_DIR/held_out.jsonl, judged pairwise.
+    """Win rate of --model against --against on RUN_DIR/held_out.jsonl.
 
     Each model writes one output per held-out instruction (the recipe's thought template, temperature
-    and sampling seed); the recipe's GGUF judge compares the responses only, in both orders. A format
-    failure loses to a parsed response; ties count half. Writes RUN_DIR/eval/MODEL-vs-AGAINST.json
+    and sampling seed); the recipe's judge sees the responses only: a GGUF judge compares them in both
+    orders, a pointwise judge scores each and the higher wins. A format failure loses to a parsed
+    response; ties count half. Writes RUN_DIR/eval/MODEL-vs-AGAINST.json
     (win rate, 95% bootstrap interval, parse rates, lengths, per category) and a .jsonl of the rows."""
     from minitpo.evaluate import evaluate, summary_text
 

@@ -8,9 +8,10 @@ probability, parse rates and response lengths, all per category too; `minitpo re
 `eval/{model}-vs-{against}.jsonl` (one row per instruction: both responses and the judge's p).
 
 As at inference (TPO.md), the judge sees responses only, never thoughts. Each model writes ONE output
-per instruction, sampled with the recipe's temperature and top-p, from the same seed. The pairwise
-judge (minitpo/pairwise.py) reads both orders of each pair to cancel position bias and returns
-p = P(model's response is better). An output that breaks the thought format (or hits
+per instruction, sampled with the recipe's temperature and top-p, from the same seed. A GGUF judge
+compares the two responses pairwise (minitpo/pairwise.py), reading both orders to cancel position
+bias, and returns p = P(model's response is better); a pointwise judge (python, reward_model) scores
+each response, and p is 1 when the model's scores higher, 0.5 on a tie, 0 below. An output that breaks the thought format (or hits
 max_new_tokens) has no response to show a user, so it loses to a parsed one without a judge call;
 two failures tie, and so do two identical responses.
 """
@@ -111,10 +112,8 @@ def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed
     # and identical responses (common at low temperature or early on: both sample from the same seed)
     # tie exactly, where the judge's two orders would give 0.5 only up to rounding.
     both = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a.parsed and b.parsed and a.response != b.response]
-    from minitpo.pairwise import compare
-
-    judged = compare(recipe.judge, [instructions[i].text for i in both],
-                     [ours[i].response for i in both], [theirs[i].response for i in both]) if both else []
+    judged = judge_pairs(recipe.judge, [instructions[i].text for i in both],
+                         [ours[i].response for i in both], [theirs[i].response for i in both]) if both else []
     ps = {i: float(p) for i, p in zip(both, judged)}
     rows = []
     for i, (ins, a, b) in enumerate(zip(instructions, ours, theirs)):
@@ -128,6 +127,19 @@ def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed
     io.write_jsonl(stem.with_suffix(".jsonl"), rows)
     io.write_json(stem.with_suffix(".json"), result)
     return result
+
+
+def judge_pairs(cfg, instructions: list[str], ours: list[str], theirs: list[str]) -> list[float]:
+    """p = P(our response is better) per item, with whatever judge the recipe names."""
+    if cfg.type == "llama_cpp":
+        from minitpo.pairwise import compare
+
+        return compare(cfg, instructions, ours, theirs)
+    from minitpo.scores import pointwise_scorer
+
+    scored = pointwise_scorer(cfg)(cfg, instructions * 2, ours + theirs)
+    n = len(instructions)
+    return [0.5 + 0.5 * float(np.sign(a["score"] - b["score"])) for a, b in zip(scored[:n], scored[n:])]
 
 
 def summary_text(r: dict) -> str:
@@ -172,10 +184,7 @@ def _read_recipe(run_dir: Path) -> Recipe:
         raise UserError(f"RUN_DIR: {str(run_dir)!r} {what}; give a run directory written by `minitpo run`")
     recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)  # the run wrote absolute paths
     judge = recipe.judge
-    if judge.type != "llama_cpp":
-        raise UserError(f"judge.type: {judge.type!r} in {run_dir / 'recipe.yaml'}; minitpo eval needs a "
-                        "llama_cpp (GGUF) judge to compare two responses; set judge.type and judge.model")
-    if not Path(judge.model).is_file():
+    if judge.type == "llama_cpp" and not Path(judge.model).is_file():
         raise UserError(f"judge.model: {judge.model!r} does not exist; put the GGUF judge back or fix recipe.yaml")
     return recipe
 

@@ -18,7 +18,7 @@ def score_candidates(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
         return _score_pairwise(cfg, parsed, cache_path)
     cache = {(r["instruction"], r["response"]): r for r in io.read_jsonl(cache_path, missing_ok=True)}
     todo = list(dict.fromkeys((c.instruction, c.response) for c in parsed if (c.instruction, c.response) not in cache))
-    scorer = _pointwise_scorer(cfg)
+    scorer = pointwise_scorer(cfg)
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start:start + CHUNK]
         results = scorer(cfg, [i for i, _ in chunk], [r for _, r in chunk])
@@ -32,7 +32,7 @@ def score_candidates(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
                                         "verdict_mass": sum(masses) / len(masses) if masses else None}
 
 
-def _pointwise_scorer(cfg):
+def pointwise_scorer(cfg):
     """f(cfg, instructions, responses) -> [{"score": float, "score_mass": float or None}]."""
     if cfg.type == "reward_model":
         from minitpo.reward_model import judge_reward_model

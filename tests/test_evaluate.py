@@ -156,7 +156,7 @@ def test_eval_user_errors_through_the_cli(tiny_run):
         assert "Traceback" not in result.stderr
 
 
-def test_eval_refuses_a_run_without_held_out_instructions_or_a_gguf_judge(tiny_run, tmp_path):
+def test_eval_refuses_a_run_without_held_out_instructions(tiny_run, tmp_path):
     recipe = yaml.safe_load((tiny_run / "recipe.yaml").read_text())
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -165,9 +165,22 @@ def test_eval_refuses_a_run_without_held_out_instructions_or_a_gguf_judge(tiny_r
     with pytest.raises(UserError, match="no held-out instructions; set data.held_out"):
         evaluate(empty)
 
-    python_judge = tmp_path / "python_judge"
-    python_judge.mkdir()
-    recipe["judge"].update(type="python", function="len_judge:score")
-    (python_judge / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.raises(UserError, match="needs a llama_cpp"):
-        evaluate(python_judge)
+
+def test_eval_with_a_pointwise_judge_lets_the_higher_score_win(tiny_run, tmp_path):
+    """A python judge scores each response; the longer one wins here, equal lengths tie."""
+    import shutil
+
+    run = tmp_path / "pointwise"
+    shutil.copytree(tiny_run, run)
+    (tmp_path / "len_judge.py").write_text("def score(instruction, response):\n    return len(response)\n")
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["judge"].update(type="python", function=f"{tmp_path / 'len_judge.py'}:score", model=None)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = evaluate(run)
+    rows = [json.loads(line) for line in open(run / "eval" / "iter-1-vs-seed.jsonl")]
+    judged = [r for r in rows if r["judged"]]
+    assert judged, "no pair of two different parsed responses to judge"
+    for r in judged:
+        a, b = len(r["model_response"]), len(r["against_response"])
+        assert r["p"] == (1.0 if a > b else 0.5 if a == b else 0.0)
+    assert result["win_rate"] == pytest.approx(np.mean([verdict(r["p"]) for r in rows]))
