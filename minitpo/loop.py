@@ -37,6 +37,7 @@ from minitpo.model import enable_checkpointing, load_policy, pick_device, save_a
 from minitpo.pairs import Pair, auto_rho, build_pairs, control_length
 from minitpo.prompts import load_template
 from minitpo.sample import Candidate, eos_token_ids, sample_candidates
+from minitpo.verifiable import pass_counts
 from minitpo.scores import score_candidates
 from minitpo.train import reference_logps, tokenize_pairs, train_adapter
 
@@ -142,7 +143,8 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     stage("train", it / "train_summary.json", train)
 
     return summarize(t, candidates, scores, pair_rows, io.read_jsonl(it / "train_log.jsonl"),
-                     io.read_json(it / "train_summary.json"), io.read_json(it / "judge_stats.json"), times)
+                     io.read_json(it / "train_summary.json"), io.read_json(it / "judge_stats.json"), times,
+                     marker=template.marker)
 
 
 class Policy:
@@ -180,8 +182,10 @@ def _checkpointing(recipe: Recipe) -> bool:
     return recipe.policy.quantization == "nf4" if on is None else on
 
 
-def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, judge_stats, times) -> dict:
+def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, judge_stats, times,
+              marker: str | None = None) -> dict:
     parsed = [c for c in candidates if c.parsed]
+    met, total = map(sum, zip(*(pass_counts(c.instruction, c.response) for c in parsed))) if parsed else (0, 0)
     by_key = {(c.instruction_id, c.index): c for c in candidates}
     raw = {(s["instruction_id"], s["index"]): s["score"] for s in scores}
     trained = [r for r in pair_rows if not r["skipped"]]
@@ -197,6 +201,11 @@ def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, judge_s
         "candidates": len(candidates),
         "parse_rate": mean(c.parsed for c in candidates),
         "truncated_rate": mean(c.truncated for c in candidates),
+        # sampling.force_marker: how often the model wrote the marker itself, and how often it was appended
+        "marker_rate": mean(not c.forced and marker in c.text for c in candidates) if marker else None,
+        "forced_rate": mean(c.forced for c in candidates),
+        # verifiable instructions (minitpo/verifiable.py): the share of their constraints met, strictly
+        "constraint_pass_rate": round(met / total, 4) if total else None,
         "judge_score": mean(s["score"] for s in scores),
         "thought_chars": mean(len(c.thought) for c in parsed),
         "response_chars": mean(len(c.response) for c in parsed),

@@ -38,8 +38,11 @@ ITERATION_FIGURES = [
                             ("rejected_response_chars", "rejected response", "--")], None)]),
     ("format.png", "Format and length control", "Output format and length control", [
         ("Candidates", "fraction of candidates",
-         [("parse_rate", "parsed", "-"), ("truncated_rate", "hit max_new_tokens", "--")], (0, 1.05)),
+         [("parse_rate", "parsed", "-"), ("marker_rate", "marker written by the model", "-"),
+          ("forced_rate", "marker forced", ":"), ("truncated_rate", "hit max_new_tokens", "--")], (0, 1.05)),
         ("Length control strength", "rho", [("rho", "rho", "-")], (0, 0.52))]),
+    ("constraints.png", "Verifiable constraints", "Constraints met by parsed responses (verifiable instructions)", [
+        ("", "fraction of constraints met", [("constraint_pass_rate", "met", "-")], (0, 1.05))]),
     ("dpo.png", "DPO training, per iteration", "DPO training (mean over the last epoch's updates)", [
         ("Loss", "DPO loss", [("train_loss", "loss", "-")], None),
         ("Reward accuracy", "chosen reward > rejected", [("reward_accuracy", "accuracy", "-")], (0, 1.05)),
@@ -47,7 +50,8 @@ ITERATION_FIGURES = [
 ]
 
 # The table in report.md: (column header, key, number format).
-COLUMNS = [("iter", "iteration", "d"), ("parse rate", "parse_rate", ".2f"), ("judge score", "judge_score", ".2f"),
+COLUMNS = [("iter", "iteration", "d"), ("parse rate", "parse_rate", ".2f"), ("marker rate", "marker_rate", ".2f"),
+           ("constraints met", "constraint_pass_rate", ".2f"), ("judge score", "judge_score", ".2f"),
            ("chosen", "chosen_score", ".2f"), ("rejected", "rejected_score", ".2f"),
            ("thought chars", "thought_chars", ".0f"), ("response chars", "response_chars", ".0f"),
            ("pairs trained", "pairs_trained", "d"), ("DPO loss", "train_loss", ".3f"),
