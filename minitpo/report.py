@@ -50,8 +50,8 @@ ITERATION_FIGURES = [
 ]
 
 # The table in report.md: (column header, key, number format).
-COLUMNS = [("iter", "iteration", "d"), ("parse rate", "parse_rate", ".2f"), ("marker rate", "marker_rate", ".2f"),
-           ("constraints met", "constraint_pass_rate", ".2f"), ("judge score", "judge_score", ".2f"),
+COLUMNS = [("iter", "iteration", "d"), ("parse rate", "parse_rate", ".2f"), ("judge score", "judge_score", ".2f"),
+           ("marker rate", "marker_rate", ".2f"), ("constraints met", "constraint_pass_rate", ".2f"),
            ("chosen", "chosen_score", ".2f"), ("rejected", "rejected_score", ".2f"),
            ("thought chars", "thought_chars", ".0f"), ("response chars", "response_chars", ".0f"),
            ("pairs trained", "pairs_trained", "d"), ("DPO loss", "train_loss", ".3f"),

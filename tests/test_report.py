@@ -13,7 +13,7 @@ from minitpo.errors import UserError
 from minitpo.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ALL_PLOTS = {"scores.png", "lengths.png", "format.png", "dpo.png", "training.png"}
+ALL_PLOTS = {"scores.png", "lengths.png", "format.png", "constraints.png", "dpo.png", "training.png"}
 
 
 def summary(t, **changes):
@@ -24,7 +24,8 @@ def summary(t, **changes):
            "pairs_skipped_too_long": 1, "rejected_parse_failures": 4, "chosen_score": 6.5 + 0.3 * t,
            "rejected_score": 3.5 + 0.2 * t, "chosen_response_chars": 210.0, "rejected_response_chars": 190.0,
            "train_loss": 0.69 - 0.05 * t, "reward_accuracy": 0.5 + 0.1 * t, "reward_margin": 0.02 * t,
-           "best_epoch": 2, "stage_wall_s": {"sample": 1.0, "judge": 1.0, "pair": 1.0, "train": 1.0}}
+           "best_epoch": 2, "stage_wall_s": {"sample": 1.0, "judge": 1.0, "pair": 1.0, "train": 1.0},
+           "marker_rate": 0.1 * t, "forced_rate": 0.9 - 0.1 * t, "constraint_pass_rate": 0.3 + 0.1 * t}
     row.update(changes)
     return row
 
@@ -65,6 +66,7 @@ def test_full_run_gets_every_plot_and_a_table(tmp_path):
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 3  # header + one row per iteration
     assert table[1].split("|")[1:4] == [" 1 ", " 0.65 ", " 5.40 "]  # iteration, parse rate, judge score
+    assert table[1].split("|")[4:6] == [" 0.10 ", " 0.40 "]  # natural marker rate, constraints met
     assert "win_rate" not in text
 
 
