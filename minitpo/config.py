@@ -63,9 +63,10 @@ class SamplingConfig:
     seed: int = 0  # iteration t samples with seed + t
     engine: Literal["fast", "generate"] = "fast"  # fast: minitpo/engine.py; generate: plain transformers
     stop: tuple[str, ...] = ()  # texts that end an output like EOS (for base models that never emit EOS)
-    force_marker: bool = False  # the thought gets half of max_new_tokens; an output that ends or reaches
-    #   that before the marker gets it appended and goes on to its response (s1-style budget forcing),
-    #   for small models that do not write the format by themselves. Off in the paper's recipes
+    force_marker: bool = False  # the thought gets thought_tokens; an output that ends or reaches that
+    #   before the marker gets it appended and goes on to its response (s1-style budget forcing), for
+    #   small models that do not write the format by themselves. Off in the paper's recipes
+    thought_tokens: int | None = None  # with force_marker: the thought's budget; null = half of max_new_tokens
 
     def __post_init__(self):
         _check(self.k >= 2, "sampling.k", self.k, "use 2 or more: a pair needs two candidates")
@@ -73,6 +74,8 @@ class SamplingConfig:
         _check(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "use a value in (0, 1]")
         _check(self.max_new_tokens >= 1, "sampling.max_new_tokens", self.max_new_tokens, "use 1 or more")
         _check(self.batch_size >= 1, "sampling.batch_size", self.batch_size, "use 1 or more")
+        _check(self.thought_tokens is None or 1 <= self.thought_tokens < self.max_new_tokens,
+               "sampling.thought_tokens", self.thought_tokens, "use 1 to max_new_tokens - 1, or null")
 
 
 @dataclass(frozen=True)

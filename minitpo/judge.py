@@ -190,8 +190,8 @@ def _no_weight_repacking():
     that layout is the AMX buffer, and its matmul (ggml_backend_amx_mul_mat) dies on the first eval in
     llama-cpp-python 0.3.36: SIGILL on `tileloadd` in an OpenMP worker thread here, SIGSEGV on another
     machine (upstream: llama.cpp PR 26954, tile config and per-thread AMX permission). F32/F16 GGUFs
-    never take that path. Measured on 2 AMX cores, SmolLM2-135M Q4_1: crash with repacking, 11.4
-    responses/s without; the F32 tiny judge is as fast either way (see benchmarks/RESULTS.md).
+    never take that path. Measured on 2 AMX cores, SmolLM2-135M Q4_1: SIGILL with repacking, 2.3
+    responses/s without, load included (benchmarks/RESULTS.md).
 
     llama-cpp-python's Llama has no argument for the field, and builds its params from
     llama_model_default_params() inside __init__; so, for the duration of the constructor only, that

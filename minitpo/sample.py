@@ -5,8 +5,8 @@ Consumes the policy (a peft model) and its tokenizer, a slice of `Instruction`s,
 response (or a parse failure), its token count and whether it hit `max_new_tokens` (a truncated
 output is a parse failure: its response was cut off mid-way).
 
-With `sampling.force_marker`, the thought gets half of `max_new_tokens`: an output that ends, or
-reaches that half, before writing the template's marker gets the marker appended and is sampled on
+With `sampling.force_marker`, the thought gets `sampling.thought_tokens` (default: half of
+`max_new_tokens`): an output that ends, or reaches that, before writing the template's marker gets the marker appended and is sampled on
 until its response ends, within the same total budget (as s1's budget forcing ends a thought,
 Muennighoff et al. 2025). Such a candidate is `forced`; DPO then trains on the whole text, marker
 included, so the model can learn to write the marker itself, and the loop records how often it did
@@ -71,7 +71,7 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg, s
         return [_stop(tokenizer, new_ids, hit_eos, cfg.stop) for new_ids, hit_eos in outputs]
 
     force = cfg.force_marker and template.marker is not None
-    first_budget = max(1, cfg.max_new_tokens // 2) if force else cfg.max_new_tokens
+    first_budget = (cfg.thought_tokens or max(1, cfg.max_new_tokens // 2)) if force else cfg.max_new_tokens
     results = run([prompt_ids[i] for i, _ in jobs], first_budget, "sample")
     forced = [False] * len(jobs)
     if force:
@@ -83,7 +83,7 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg, s
             has_marker = template.marker in text
             if ended and has_marker:
                 continue
-            head = text if has_marker else text.rstrip() + "\n\n" + template.marker
+            head = text if has_marker else text.rstrip() + "\n\n" + template.marker + "\n"
             head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
             if len(head_ids) < cfg.max_new_tokens:
                 todo.append((n, head, head_ids))
