@@ -6,7 +6,7 @@ force_marker off and once on, and prints per template: the natural marker rate (
 the model wrote the marker itself), the parse rate without forcing, the parse rate with it, the
 truncation rate and the mean output tokens.
 
-    python benchmarks/format_rate.py recipes/demo.yaml --n 16 --k 4 --templates generic specific
+    python benchmarks/format_rate.py recipes/demo.yaml [KEY=VALUE ...] --n 16 --k 4 --templates generic specific
 """
 
 import argparse
