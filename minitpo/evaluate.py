@@ -11,9 +11,9 @@ As at inference (TPO.md), the judge sees responses only, never thoughts. Each mo
 per instruction, sampled with the recipe's temperature and top-p, from the same seed. A GGUF judge
 compares the two responses pairwise (minitpo/pairwise.py), reading both orders to cancel position
 bias, and returns p = P(model's response is better); a pointwise judge (python, reward_model) scores
-each response, and p is 1 when the model's scores higher, 0.5 on a tie, 0 below. An output that breaks the thought format (or hits
-max_new_tokens) has no response to show a user, so it loses to a parsed one without a judge call;
-two failures tie, and so do two identical responses.
+each response, and p is 1 when the model's scores higher, 0.5 on a tie, 0 below. An output that
+breaks the thought format (or hits max_new_tokens) has no response to show a user, so it loses to a
+parsed one without a judge call; two failures tie, and so do two identical responses.
 """
 
 import gc
