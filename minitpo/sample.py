@@ -6,9 +6,10 @@ response (or a parse failure), its token count and whether it hit `max_new_token
 output is a parse failure: its response was cut off mid-way).
 
 With `sampling.force_marker`, the thought gets `sampling.thought_tokens` (default: half of
-`max_new_tokens`): an output that ends, or reaches that, before writing the template's marker gets the marker appended and is sampled on
-until its response ends, within the same total budget (as s1's budget forcing ends a thought,
-Muennighoff et al. 2025). Such a candidate is `forced`; DPO then trains on the whole text, marker
+`max_new_tokens`): an output that ends, or reaches that, before writing the template's marker gets
+"\n\n" + marker + "\n" appended and is sampled on until its response ends, within the same total
+budget (as s1's budget forcing ends a thought, Muennighoff et al. 2025). The newline after the marker
+is measured: SmolLM2 ended its turn right after a bare marker more often (benchmarks/RESULTS.md). Such a candidate is `forced`; DPO then trains on the whole text, marker
 included, so the model can learn to write the marker itself, and the loop records how often it did
 (the natural marker rate).
 """
