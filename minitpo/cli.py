@@ -17,26 +17,22 @@ def cli():
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe")
 @click.argument("overrides", nargs=-1)
-@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: recipe's `out`, else runs/<recipe name>).")
+@click.option("--out", help="Run directory (default: recipe's `out`, else runs/<recipe name>).")
 @click.option("--fresh", is_flag=True, help="Delete the run directory first and start over.")
 def run(recipe, overrides, out, fresh):
     """Run the TPO iterations of RECIPE (a YAML file), resuming a run that was stopped.
 
     OVERRIDES are dotted KEY=VALUE pairs applied on top of the recipe, e.g. sampling.k=4 train.lr=1e-5."""
     from minitpo.recipe import load_recipe
-    from minitpo.loop import run as run_loop
 
     if out:
         overrides = (*overrides, f"out={out}")
-    recipe = load_recipe(recipe, list(overrides))
-    out_dir = run_loop(recipe, fresh=fresh)
-    click.echo(f"done: {out_dir}")
-    if recipe.evaluate:
-        from minitpo.evaluate import evaluate, summary_text
+    recipe = load_recipe(recipe, list(overrides))  # every check that needs no model, before torch imports
+    from minitpo.loop import run as run_loop
 
-        click.echo(summary_text(evaluate(out_dir)))
+    run_loop(recipe, fresh=fresh)  # prints a line per iteration, then the evaluation when the recipe asks
 
 
 @cli.command()
@@ -103,13 +99,17 @@ def export(path, out):
 
 def main():
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="minitpo", standalone_mode=False)
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C: what finished is on disk
+        click.echo("interrupted; run the same command again to resume from the last finished stage", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # a bad option or argument: one line, as for UserError
+        command = e.ctx.command_path if e.ctx else "minitpo"
+        click.echo(f"error: {e.format_message()} (see {command} --help)", err=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

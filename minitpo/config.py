@@ -30,6 +30,7 @@ class PolicyConfig:
 
     def __post_init__(self):
         _check(self.lora_r >= 1, "policy.lora_r", self.lora_r, "use 1 or more (16 is typical)")
+        _check(self.lora_alpha >= 1, "policy.lora_alpha", self.lora_alpha, "use 1 or more (2 x lora_r is typical)")
         _check(0 <= self.lora_dropout < 1, "policy.lora_dropout", self.lora_dropout, "use [0, 1)")
         _check(len(self.target_modules) > 0, "policy.target_modules", [], "name at least one module")
 
@@ -51,6 +52,7 @@ class DataConfig:
     def __post_init__(self):
         _check(self.per_iteration >= 1, "data.per_iteration", self.per_iteration, "use 1 or more")
         _check(self.held_out >= 0, "data.held_out", self.held_out, "use 0 or more")
+        _check(self.seed >= 0, "data.seed", self.seed, "use 0 or more")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class SamplingConfig:
         _check(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "use a value in (0, 1]")
         _check(self.max_new_tokens >= 1, "sampling.max_new_tokens", self.max_new_tokens, "use 1 or more")
         _check(self.batch_size >= 1, "sampling.batch_size", self.batch_size, "use 1 or more")
+        _check(self.seed >= 0, "sampling.seed", self.seed, "use 0 or more")
+        _check(all(self.stop), "sampling.stop", list(self.stop), "remove the empty text: it would stop every output at once")
         _check(self.thought_tokens is None or 1 <= self.thought_tokens < self.max_new_tokens,
                "sampling.thought_tokens", self.thought_tokens, "use 1 to max_new_tokens - 1, or null")
 
@@ -98,6 +102,7 @@ class JudgeConfig:
         if self.rho != "auto":
             _check(0 <= self.rho <= 0.5, "judge.rho", self.rho, "use a value in [0, 0.5] (paper's range) or auto")
         _check(self.n_ctx >= 64, "judge.n_ctx", self.n_ctx, "use 64 or more (4096 is typical)")
+        _check(self.n_gpu_layers >= -1, "judge.n_gpu_layers", self.n_gpu_layers, "use -1 (all), 0 (CPU only) or a layer count")
         _check(self.n_threads is None or self.n_threads >= 1, "judge.n_threads", self.n_threads, "use 1 or more, or null")
         if self.type == "llama_cpp" and not self.model:
             raise UserError("judge.model: missing; the llama_cpp judge needs the path of a GGUF file")
@@ -145,6 +150,9 @@ class TrainConfig:
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "use [0, 1)")
         _check(0 <= self.val_fraction < 1, "train.val_fraction", self.val_fraction, "use [0, 1)")
         _check(self.logps_chunk >= 1, "train.logps_chunk", self.logps_chunk, "use 1 or more")
+        _check(self.max_grad_norm > 0, "train.max_grad_norm", self.max_grad_norm, "use a positive norm (1.0 is typical)")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "use 0 or more")
+        _check(self.seed >= 0, "train.seed", self.seed, "use 0 or more")
 
 
 @dataclass(frozen=True)
@@ -161,3 +169,8 @@ class Recipe:
 
     def __post_init__(self):
         _check(self.iterations >= 1, "iterations", self.iterations, "use 1 or more")
+        if self.evaluate and self.data.held_out < 1:
+            raise UserError("evaluate: true needs held-out instructions; set data.held_out (32 or more) or evaluate: false")
+        if self.sampling.force_marker and self.thought.template == "direct":
+            raise UserError("sampling.force_marker: true needs a thought template with a marker, not 'direct'; "
+                            "set it to false or pick another thought.template")

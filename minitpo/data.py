@@ -22,23 +22,36 @@ class Instruction:
 
 def load_instructions(path: str | Path) -> list[Instruction]:
     path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"data.instructions: {path} line {line} is not UTF-8 text; give a .jsonl or .txt file "
+                        "saved as UTF-8") from None
     items = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
             try:
                 row = json.loads(line)
-                text, category = row["instruction"], str(row.get("category", ""))
-            except (json.JSONDecodeError, KeyError, TypeError):
+                instruction, category = row["instruction"], str(row.get("category", ""))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise UserError(
                     f'data.instructions: {path} line {i + 1} is not a JSON object with an "instruction" '
                     "field; fix that line"
                 ) from None
+            if not isinstance(instruction, str):
+                raise UserError(f'data.instructions: {path} line {i + 1}: "instruction" is '
+                                f"{type(instruction).__name__}, not text; make it a string")
         else:
-            text, category = line, ""
-        if isinstance(text, str) and text.strip():
-            items.append(Instruction(id=i, text=text.strip(), category=category))
+            instruction, category = line, ""
+        if "\x00" in instruction:
+            raise UserError(f"data.instructions: {path} line {i + 1} holds NUL bytes; is it a binary file? "
+                            "give a .jsonl or .txt file of instructions")
+        if instruction.strip():
+            items.append(Instruction(id=i, text=instruction.strip(), category=category))
     if not items:
         raise UserError(f"data.instructions: {path} holds no instructions; add at least one per line")
     return items

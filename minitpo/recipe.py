@@ -11,6 +11,7 @@ directory, as a shell user expects.
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -33,9 +34,12 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
     (`check_files=False` validates a recipe whose models are not downloaded yet)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"recipe: {str(path)!r} does not exist; give the path of a recipe .yaml file")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UserError(f"recipe: {str(path)!r} {what}; give the path of a recipe .yaml file")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise UserError(f"recipe: {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -176,6 +180,8 @@ def _coerce(value, tp, key: str):
             value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key}: {value!r} is not a finite number; give a plain number")
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -194,33 +200,72 @@ def _describe(tp) -> str:
 
 
 def _check_files(recipe: Recipe) -> None:
+    """Every file and folder the recipe names, checked before any model loads: a mistake found after an
+    hour of sampling costs the hour."""
     _check_model("policy.model", recipe.policy.model, "give a local model folder, a .gguf file or a Hub id")
-    data = Path(recipe.data.instructions)
-    if not data.is_file():
-        raise UserError(f"data.instructions: {str(data)!r} does not exist; give a .jsonl or .txt file of instructions")
+    _check_file("data.instructions", recipe.data.instructions, "give a .jsonl or .txt file of instructions")
     judge = recipe.judge
     if judge.type == "llama_cpp":
-        gguf = Path(judge.model)
-        if not gguf.is_file():
-            raise UserError(f"judge.model: {judge.model!r} does not exist; give the path of a GGUF judge model")
-        with open(gguf, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise UserError(f"judge.model: {judge.model!r} is not a GGUF file (bad magic bytes); give a .gguf model")
+        _check_file("judge.model", judge.model, "give the path of a GGUF judge model")
+        _check_gguf("judge.model", judge.model)
     if judge.type == "reward_model" and judge.model:
         _check_model("judge.model", judge.model, "give a Hub id or a local folder of a reward model")
-    if judge.prompt and not Path(judge.prompt).is_file():
-        raise UserError(f"judge.prompt: {judge.prompt!r} does not exist; give a template file or remove the key")
+    if judge.type == "python":
+        from minitpo.judge import load_python_judge  # imports the module and checks the name is callable
+
+        load_python_judge(judge.function)
+    if judge.prompt:
+        _check_file("judge.prompt", judge.prompt, "give a template file or remove the key")
+        from minitpo.judge import load_prompt_template  # checks its {instruction} and {response}
+
+        load_prompt_template(judge.prompt)
     if recipe.thought.template not in ("generic", "specific", "direct"):
         from minitpo.prompts import load_template  # validates the file and its marker
 
         load_template(recipe.thought.template, recipe.thought.marker)
-    if os.path.isfile(recipe.out or ""):
-        raise UserError(f"out: {recipe.out!r} is a file; give a directory for the run")
+    _check_out(recipe.out)
+
+
+def _check_file(key: str, value: str, fix: str) -> None:
+    path = Path(value)
+    if not path.is_file():
+        raise UserError(f"{key}: {value!r} {'is a folder' if path.is_dir() else 'does not exist'}; {fix}")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{key}: {value!r} cannot be read (permission denied); fix its permissions")
+
+
+def _check_gguf(key: str, value: str) -> None:
+    with open(value, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{key}: {value!r} is not a GGUF file (bad magic bytes); give a .gguf model")
+
+
+def _check_out(out: str) -> None:
+    """The run directory must be a folder, or creatable: its nearest existing ancestor a writable folder."""
+    path = Path(out)
+    if path.is_file():
+        raise UserError(f"out: {out!r} is a file; give a directory for the run")
+    ancestor = path.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"out: {out!r} cannot be created: {str(ancestor)!r} is a file; give another directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"out: {out!r} cannot be written ({str(ancestor)!r} is not writable); give another directory")
 
 
 def _check_model(key: str, value: str, fix: str) -> None:
-    """A model named by a path must exist; anything else is a Hub id, which must be cached or downloadable."""
-    if Path(value).exists():
+    """A model named by a path must exist, as a .gguf file or a folder with config.json; anything else is
+    a Hub id, which must be cached or downloadable."""
+    path = Path(value)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{key}: {value!r} is a folder without config.json, not a transformers model; {fix}")
+        return
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{key}: {value!r} is a file but not a .gguf model; {fix}")
+        _check_gguf(key, value)
         return
     if _looks_like_path(value):
         raise UserError(f"{key}: {value!r} does not exist; {fix}")

@@ -19,6 +19,7 @@ def write(tmp_path, text, name="r.yaml"):
 @pytest.fixture
 def files(tmp_path):
     (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "config.json").write_text("{}")  # what makes a folder a transformers model
     (tmp_path / "data.jsonl").write_text('{"instruction": "hi"}\n')
     (tmp_path / "judge.gguf").write_bytes(b"GGUF" + bytes(20))
     return tmp_path
