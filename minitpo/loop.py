@@ -18,7 +18,6 @@ killed run resumes from the last finished stage. The run directory is the source
 
 import dataclasses
 import gc
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import click
 import torch
 import yaml
 
-from minitpo import engine, io
+from minitpo import engine, io, rundir
 from minitpo.config import Recipe
 from minitpo.recipe import recipe_to_dict
 from minitpo.data import Instruction, load_instructions, split_instructions
@@ -50,23 +49,34 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     held_out, slices = split_instructions(  # fails on a bad or short file before anything is written
         load_instructions(data.instructions), data.per_iteration, data.held_out, recipe.iterations, data.seed
     )
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    _claim_run_dir(out, recipe)
-    if recipe.judge.type == "llama_cpp" and recipe.judge.mode == "pointwise":
-        io.write_text(out / "judge_prompt.txt", load_prompt_template(recipe.judge.prompt))  # what the judge saw
-    if not (out / "held_out.jsonl").exists():
-        io.write_jsonl(out / "held_out.jsonl", [dataclasses.asdict(i) for i in held_out])
+    with rundir.lock(out):  # one writer: a second run on this directory stops here, in one line
+        if fresh:
+            rundir.clear(out)
+        rundir.remove_stale_temps(out)  # left by a killed run's unfinished writes
+        _claim_run_dir(out, recipe)
+        if recipe.judge.type == "llama_cpp" and recipe.judge.mode == "pointwise" and not (out / "judge_prompt.txt").exists():
+            io.write_text(out / "judge_prompt.txt", load_prompt_template(recipe.judge.prompt))  # what the judge saw
+        if not (out / "held_out.jsonl").exists():
+            io.write_jsonl(out / "held_out.jsonl", [dataclasses.asdict(i) for i in held_out])
 
-    policy = Policy(recipe, out)
-    for t, instructions in enumerate(slices, start=1):
-        it = out / f"iter-{t}"
-        if (it / "summary.json").exists():
-            continue
-        summary = run_iteration(t, it, instructions, template, recipe, policy)
-        io.write_json(it / "summary.json", summary)
-        io.write_jsonl(out / "metrics.jsonl", [io.read_json(out / f"iter-{s}" / "summary.json") for s in range(1, t + 1)])
-        click.echo(_summary_line(summary))
+        policy = Policy(recipe, out)
+        for t, instructions in enumerate(slices, start=1):
+            it = out / f"iter-{t}"
+            if (it / "summary.json").exists():
+                continue
+            summary = run_iteration(t, it, instructions, template, recipe, policy)
+            io.write_json(it / "summary.json", summary)
+            io.write_jsonl(out / "metrics.jsonl",
+                           [io.read_json(out / f"iter-{s}" / "summary.json") for s in range(1, t + 1)])
+            click.echo(_summary_line(summary))
+
+        click.echo(f"iterations done: {out}")
+        if recipe.evaluate:  # the last iteration against the seed, once: a rerun reads the saved result
+            from minitpo.evaluate import evaluate, summary_text
+
+            del policy
+            saved = out / "eval" / f"iter-{len(slices)}-vs-seed.json"
+            click.echo(summary_text(io.read_json(saved) if saved.exists() else evaluate(out)))
     return out
 
 
@@ -79,6 +89,9 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
             t0 = time.perf_counter()
             work()
             times[name] = round(time.perf_counter() - t0, 2)
+            io.write_json(it / "stages.json", times)
+        elif name not in times:  # killed between writing the output and its time: the time is lost
+            times[name] = None
             io.write_json(it / "stages.json", times)
 
     # 1-3. Sample K thought+response candidates per fresh instruction from M_{t-1}; split them.
@@ -228,6 +241,8 @@ def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, judge_s
         "best_epoch": train_summary.get("best_epoch"),
         "position_consistency": judge_stats.get("position_consistency"),
         "judge_verdict_mass": judge_stats.get("verdict_mass"),
+        # judge prompts over judge.n_ctx, whose response was cut to fit (pairwise: pairs of responses)
+        "judge_prompts_cut": judge_stats.get("responses_cut", judge_stats.get("pairs_cut")),
         "stage_wall_s": times,
     }
 
@@ -238,7 +253,7 @@ def _summary_line(s: dict) -> str:
     return (f"iter {s['iteration']}: parse {f(s['parse_rate'], '.2f')} | score {f(s['judge_score'], '.2f')} | "
             f"pairs {s['pairs_trained']}/{s['instructions']} | thought {f(s['thought_chars'], '.0f')} "
             f"resp {f(s['response_chars'], '.0f')} chars | loss {f(s['train_loss'], '.3f')} "
-            f"acc {f(s['reward_accuracy'], '.2f')} | {sum(s['stage_wall_s'].values()):.1f} s")
+            f"acc {f(s['reward_accuracy'], '.2f')} | {sum(v for v in s['stage_wall_s'].values() if v):.1f} s")
 
 
 def _claim_run_dir(out: Path, recipe: Recipe) -> None:
