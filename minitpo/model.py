@@ -7,6 +7,7 @@ model before training (see train.py), so only one copy of the base ever sits in 
 """
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from minitpo.config import PolicyConfig
 from minitpo.errors import UserError
 from minitpo.io import write_dir
+
+LORA_INIT_SEED = 0
 
 
 def pick_device() -> str:
@@ -35,10 +38,27 @@ def load_tokenizer(model: str):
     return tokenizer
 
 
+def quiet_libraries() -> None:
+    """Silence the libraries' messages that say nothing to a minitpo user, where they come from; their
+    other warnings still show (Python shows each warning once per place)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    # bitsandbytes on an AVX-512-bf16 CPU tries an optional kernel from the Hub ("Failed to load CPU
+    # gemm_4bit_forward from kernels-community"): it is not installed, and its fallback is what we test.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft asks for transformers' old name `is_gradient_checkpointing`: a FutureWarning on every load.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # "Loading weights" bars, a second per load; Hub download bars (huggingface_hub's) still show.
+    hf_logging.disable_progress_bar()
+
+
 def load_policy(cfg: PolicyConfig, adapter_dir: str | Path | None = None, device: str | None = None):
     """(model, tokenizer). With `adapter_dir`, the saved adapter is loaded trainable, so iteration t+1
     continues from the adapter iteration t trained; without it, a fresh LoRA (B = 0: the model equals
     its base) is attached."""
+    quiet_libraries()  # before peft, which imports bitsandbytes
     from peft import LoraConfig, PeftModel, get_peft_model
 
     device = device or pick_device()
@@ -59,7 +79,9 @@ def load_policy(cfg: PolicyConfig, adapter_dir: str | Path | None = None, device
             target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
         )
         try:
-            model = get_peft_model(base, lora)
+            with torch.random.fork_rng(devices=[]):  # LoRA's A is random: seed it, so a run is reproducible
+                torch.manual_seed(LORA_INIT_SEED)  # and a resumed one equals an uninterrupted one
+                model = get_peft_model(base, lora)
         except ValueError as e:
             raise UserError(f"policy.target_modules: {list(cfg.target_modules)} ({e}); name linear layers of this model") from None
     return model, tokenizer

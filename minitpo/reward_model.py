@@ -19,6 +19,9 @@ def load_reward_model(cfg, device: str):
     """(tokenizer, model) in eval mode: bf16 on CUDA, fp32 on CPU, 4-bit NF4 when cfg.quantization == "nf4"."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
+    from minitpo.model import quiet_libraries
+
+    quiet_libraries()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
