@@ -305,15 +305,35 @@ def score_with_llama(llm, template: str, instructions: list[str], responses: lis
     score_ids = score_token_ids(llm)
     turn = model_chat_turn(llm)
     results = []
-    for i, (instruction, response) in enumerate(zip(instructions, responses)):
-        tokens = tokenize_prompt(llm, judge_prompt_parts(template, instruction, response, turn))
-        if len(tokens) > llm.n_ctx():
-            raise UserError(f"judge.n_ctx: the judge prompt for response {i} is {len(tokens)} tokens, more "
-                            f"than n_ctx={llm.n_ctx()}; raise judge.n_ctx")
-        results.append(score_from_logits(_eval_prompt(llm, tokens, reuse_prefix), score_ids))
+    for instruction, response in zip(instructions, responses):
+        tokens, cut = fit_prompt(llm, lambda i, r: judge_prompt_parts(template, i, r, turn), [instruction, response])
+        results.append({**score_from_logits(_eval_prompt(llm, tokens, reuse_prefix), score_ids), "cut": cut})
         if bar is not None:
             bar.update(1)
     return results
+
+
+def fit_prompt(llm, build, texts: list[str]) -> tuple[list[int], bool]:
+    """(tokens of build(*texts), whether a text had to be cut). A prompt longer than the judge's n_ctx
+    is not an error: one long response must not end an hour's run. The longest text (a response, as a
+    rule) loses tokens from its end until the prompt fits; the judge then sees a response that stops
+    mid-way, and the caller counts it."""
+    # llama.cpp may round its context up (640 -> 768); llama-cpp-python's token buffer keeps what was asked
+    n_ctx = min(llm.n_ctx(), len(llm.input_ids))
+    tokens = tokenize_prompt(llm, build(*texts))
+    if len(tokens) <= n_ctx:
+        return tokens, False
+    ids = [llm.tokenize(t.encode(), add_bos=False, special=False) for t in texts]
+    while len(tokens) > n_ctx:
+        j = max(range(len(ids)), key=lambda j: len(ids[j]))
+        if not ids[j]:
+            raise UserError(f"judge.n_ctx: {n_ctx} tokens cannot hold the judge's prompt itself "
+                            f"({len(tokens)} tokens with every text cut); raise judge.n_ctx")
+        # cut the excess plus a margin: text re-tokenizes a little differently once cut
+        ids[j] = ids[j][:max(0, len(ids[j]) - (len(tokens) - n_ctx) - 8)]
+        texts = [llm.detokenize(x).decode("utf-8", "ignore") for x in ids]
+        tokens = tokenize_prompt(llm, build(*texts))
+    return tokens, True
 
 
 def model_chat_turn(llm) -> tuple[str, str] | None:

@@ -16,8 +16,7 @@ judge.sanitize: neither can close its fence or write "[[", so neither can pose a
 import numpy as np
 from tqdm import tqdm
 
-from minitpo.errors import UserError
-from minitpo.judge import _eval_prompt, model_chat_turn, next_token_ids, open_llama_judge, sanitize, tokenize_prompt
+from minitpo.judge import _eval_prompt, fit_prompt, model_chat_turn, next_token_ids, open_llama_judge, sanitize
 from minitpo.pairs import bradley_terry
 
 # The instruction comes first so that all K(K-1) prompts of a group share it as a token prefix, and
@@ -80,21 +79,21 @@ def verdict_from_logits(logits: np.ndarray, label_ids: list[int]) -> tuple[float
 
 
 def pairwise_verdicts(llm, instructions: list[str], first: list[str], second: list[str],
-                      reuse_prefix: bool = True, bar=None) -> list[float]:
+                      reuse_prefix: bool = True, bar=None, cut: list | None = None) -> list[float]:
     """P(the response shown first is better) for each (instruction, first, second), one forward pass
-    each, in the order given. `llm` is an open llama_cpp.Llama, or a JudgeConfig to open (and close)."""
+    each, in the order given. `llm` is an open llama_cpp.Llama, or a JudgeConfig to open (and close).
+    A prompt over n_ctx has its longest text cut to fit (judge.fit_prompt); its index goes into `cut`."""
     assert len(instructions) == len(first) == len(second), "instructions, first and second differ in length"
     if not hasattr(llm, "eval"):  # a JudgeConfig
         with open_llama_judge(llm) as opened:
-            return pairwise_verdicts(opened, instructions, first, second, reuse_prefix, bar)
+            return pairwise_verdicts(opened, instructions, first, second, reuse_prefix, bar, cut)
     label_ids = label_token_ids(llm)
     turn = model_chat_turn(llm)
     verdicts = []
     for i, (instruction, a, b) in enumerate(zip(instructions, first, second)):
-        tokens = tokenize_prompt(llm, pairwise_prompt_parts(instruction, a, b, turn))
-        if len(tokens) > llm.n_ctx():
-            raise UserError(f"judge.n_ctx: the pairwise judge prompt for pair {i} is {len(tokens)} tokens, "
-                            f"more than n_ctx={llm.n_ctx()}; raise judge.n_ctx")
+        tokens, was_cut = fit_prompt(llm, lambda *t: pairwise_prompt_parts(*t, turn), [instruction, a, b])
+        if was_cut and cut is not None:
+            cut.append(i)
         verdicts.append(verdict_from_logits(_eval_prompt(llm, tokens, reuse_prefix), label_ids)[0])
         if bar is not None:
             bar.update(1)
@@ -127,10 +126,11 @@ def judge_pairwise(cfg, groups: list[tuple[str, list[str]]], progress: bool = Tr
             for instruction, responses in groups if len(responses) >= 2
             for m in range(len(responses)) for n in range(len(responses)) if m != n]
     todo = list(dict.fromkeys(k for k in keys if k not in cache))  # dedupe, keep order (prefix sharing)
+    cut = []
     if todo:
         with tqdm(total=len(todo), desc="judge pairs", unit="pair", disable=not progress) as bar:
             with open_llama_judge(cfg) as llm:
-                verdicts = pairwise_verdicts(llm, *zip(*todo), reuse_prefix=True, bar=bar)
+                verdicts = pairwise_verdicts(llm, *zip(*todo), reuse_prefix=True, bar=bar, cut=cut)
         cache.update(zip(todo, verdicts))
 
     scores, agree, unordered = [], 0, 0
@@ -147,7 +147,7 @@ def judge_pairwise(cfg, groups: list[tuple[str, list[str]]], progress: bool = Tr
                 agree += win(p[(m, n)]) == 1.0 - win(p[(n, m)])  # same winner (or a tie) in both orders
         scores.append(bradley_terry(battle_matrix(p, k)))
     stats = {"position_consistency": agree / unordered if unordered else None,
-             "pairs_judged": len(todo), "pairs_cached": len(keys) - len(todo)}
+             "pairs_judged": len(todo), "pairs_cached": len(keys) - len(todo), "pairs_cut": len(cut)}
     return scores, stats
 
 

@@ -28,8 +28,10 @@ def score_candidates(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
     # score_mass: the probability the GGUF judge put on any valid verdict token. The score is renormalised
     # over those tokens, so a judge that ignores the format still gives numbers: this number shows it.
     masses = [r["score_mass"] for r in rows if r.get("score_mass") is not None]
+    # cut: the judge prompt was over judge.n_ctx, so the response was cut to fit (judge.fit_prompt)
     return [r["score"] for r in rows], {"judged": len(todo), "cached": len(parsed) - len(todo),
-                                        "verdict_mass": sum(masses) / len(masses) if masses else None}
+                                        "verdict_mass": sum(masses) / len(masses) if masses else None,
+                                        "responses_cut": sum(bool(r.get("cut")) for r in rows)}
 
 
 def pointwise_scorer(cfg):
@@ -51,7 +53,7 @@ def _score_pairwise(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
     groups: dict[int, list] = {}
     for c in parsed:
         groups.setdefault(c.instruction_id, []).append(c)
-    scores, consistent, n_pairs = {}, 0.0, 0
+    scores, consistent, n_pairs, n_cut = {}, 0.0, 0, 0
     items = list(groups.items())
     per_chunk = max(1, CHUNK // 16)  # groups per chunk (a group of K responses is K(K-1) judgements)
     for start in range(0, len(items), per_chunk):
@@ -63,7 +65,9 @@ def _score_pairwise(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
         pairs = stats.get("pairs_judged", 0)
         consistent += stats.get("position_consistency", 0.0) * pairs
         n_pairs += pairs
+        n_cut += stats.get("pairs_cut", 0)
         io.write_jsonl(cache_path, [{"instruction": i, "first": a, "second": b, "verdict": v}
                                     for (i, a, b), v in cache.items()])
     return ([scores[(c.instruction_id, c.index)] for c in parsed],
-            {"pairs_judged": n_pairs, "position_consistency": consistent / n_pairs if n_pairs else None})
+            {"pairs_judged": n_pairs, "position_consistency": consistent / n_pairs if n_pairs else None,
+             "pairs_cut": n_cut})

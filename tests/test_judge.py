@@ -237,9 +237,28 @@ def test_malformed_gguf_is_a_user_error(ggufs, tmp_path):
         assert msg.startswith(f"judge.model: {path} ") and "GGUF" in msg and "\n" not in msg
 
 
-def test_prompt_longer_than_n_ctx_is_a_user_error(ggufs):
-    with pytest.raises(UserError, match="judge.n_ctx"):
-        judge.judge_responses(Cfg(model=str(ggufs["plain"]), n_ctx=256), ["q"], ["word " * 400], progress=False)
+def test_prompt_longer_than_n_ctx_is_cut_to_fit_and_flagged(ggufs):
+    """A response too long for judge.n_ctx is scored on its beginning, cut to fit, never an error."""
+    cfg = Cfg(model=str(ggufs["plain"]), n_ctx=640)
+    long = " ".join(f"word{i}" for i in range(800))
+    results = judge.judge_responses_detailed(cfg, ["q", "q"], [long, "a short answer"], progress=False)
+    assert [r["cut"] for r in results] == [True, False]
+    alone = judge.judge_responses_detailed(cfg, ["q"], ["a short answer"], progress=False)[0]
+    assert results[1]["score"] == alone["score"]  # the cut one did not disturb its neighbour
+    with judge.open_llama_judge(cfg) as llm:
+        template = judge.load_prompt_template(None)
+        build = lambda i, r: judge.judge_prompt_parts(template, i, r, judge.model_chat_turn(llm))  # noqa: E731
+        tokens, cut = judge.fit_prompt(llm, build, ["q", long])
+        assert cut and 640 - 24 <= len(tokens) <= 640  # filled up to the context, not cut far below it
+        kept = llm.detokenize(tokens).decode()
+        # the response kept is the original's beginning; the judge's own text after it is intact
+        shown = kept.split("word0", 1)[1]
+        assert "word0" + shown[: shown.index("word")] in long and kept.endswith(judge.LEAD_IN)
+        assert "word799" not in kept
+        assert results[0]["score"] == pytest.approx(
+            judge.score_from_logits(judge._eval_prompt(llm, tokens, reuse_prefix=False), judge.score_token_ids(llm))["score"])
+    with pytest.raises(UserError, match="judge.n_ctx: 256 tokens cannot hold the judge's prompt itself"):
+        judge.judge_responses(Cfg(model=str(ggufs["plain"]), n_ctx=256), ["q"], ["a"], progress=False)
 
 
 @pytest.mark.skipif(not RECIPE_GGUF.is_file(), reason="recipes/tiny/judge.gguf not built yet")
