@@ -15,7 +15,7 @@ import os
 import random
 import time
 
-from minitpo import judge
+from minitpo.judges import llama as judge
 from minitpo.config import JudgeConfig
 
 WORDS = ("model data answer question simple clear detail because result example explain reason method "
@@ -79,7 +79,7 @@ def main():
     print(f"  max |score difference| {max_diff:.2e}; mean score_mass {mass:.3f}")
     print(f"  RSS MiB: before load {rss_before:.0f}, loaded {rss_loaded:.0f}, after close {rss_closed:.0f}")
 
-    from minitpo.pairwise import judge_pairwise
+    from minitpo.judges.pairwise import judge_pairwise
 
     k = args.k
     groups = [(instructions[g * k], responses[g * k:(g + 1) * k]) for g in range(min(args.pairwise_n, args.n))]

@@ -35,6 +35,30 @@ def run(recipe, overrides, out, fresh):
     run_loop(recipe, fresh=fresh)  # prints a line per iteration, then the evaluation when the recipe asks
 
 
+@cli.command(name="judge-check")
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--set", "set_path", help="Your own JSONL of prompt, chosen, rejected (TRL's preference format) "
+              "instead of the sanity set shipped with minitpo.")
+@click.option("--json", "json_path", help="Write the result here: n, accuracy, ci_low, ci_high, and per kind.")
+def judge_check(recipe, overrides, set_path, json_path):
+    """Check RECIPE's judge before a run: how often it prefers a good response to an answer to another
+    instruction, the same answer cut mid-sentence, a refusal, and one with a factual error (64 items
+    each), with 95% intervals; verdict mass for GGUF judges, position consistency for pairwise.
+
+    OVERRIDES are dotted KEY=VALUE pairs, as for `run`."""
+    from minitpo import io
+    from minitpo.judges.check import check_judge, load_preference_set, sanity_items, summary_text
+    from minitpo.recipe import load_recipe
+
+    cfg = load_recipe(recipe, list(overrides)).judge
+    items = load_preference_set(set_path) if set_path else sanity_items()
+    result = check_judge(cfg, items)
+    if json_path:
+        io.write_json(json_path, result)
+    click.echo(summary_text(result))
+
+
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def report(run_dir):
@@ -49,15 +73,17 @@ def report(run_dir):
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--model", help="The model to score: iter-N (default: the last finished iteration).")
 @click.option("--against", default="seed", show_default=True,
-              help="The model to compare with: seed (the base model, no adapter) or iter-N.")
+              help="The model to compare with: seed (the base model, no adapter), iter-N, or another run's "
+                   "iteration folder (e.g. runs/demo-direct/iter-2: TPO against the direct baseline).")
 def eval_(run_dir, model, against):
     """Win rate of --model against --against on RUN_DIR/held_out.jsonl.
 
-    Each model writes one output per held-out instruction (the recipe's thought template, temperature
-    and sampling seed); the recipe's judge sees the responses only: a GGUF judge compares them in both
+    Each model writes one output per held-out instruction (its own run's thought template, temperature
+    and sampling seed); RUN_DIR's judge sees the responses only: a GGUF judge compares them in both
     orders, a pointwise judge scores each and the higher wins. A format failure loses to a parsed
-    response; ties count half. Writes RUN_DIR/eval/MODEL-vs-AGAINST.json
-    (win rate, 95% bootstrap interval, parse rates, lengths, per category) and a .jsonl of the rows."""
+    response; ties count half. Also a length-controlled win rate (the verdict regressed on the length
+    difference, read at zero difference). Writes RUN_DIR/eval/MODEL-vs-AGAINST.json
+    (win rates, 95% bootstrap intervals, parse rates, lengths, per category) and a .jsonl of the rows."""
     from minitpo.evaluate import evaluate, summary_text
 
     click.echo(summary_text(evaluate(run_dir, model, against)))
@@ -76,7 +102,7 @@ def chat(path, prompt, show_thought, max_new_tokens, temperature, template):
 
     Each message is wrapped in the thought template and answered with one sampled output; only the
     response is printed unless --show-thought."""
-    from minitpo.export import format_reply, open_chat, read_messages, reply
+    from minitpo.chat import format_reply, open_chat, read_messages, reply
 
     session = open_chat(path, template, max_new_tokens, temperature)
     messages = [prompt] if prompt is not None else read_messages(sys.stdin)

@@ -97,6 +97,8 @@ class JudgeConfig:
     prompt: str | None = None  # judge prompt template file with {instruction} and {response}
     quantization: Literal["nf4", "none"] = "none"  # reward_model: load it 4-bit to save memory
     batch_size: int = 16  # reward_model: responses scored per forward pass
+    check: bool = False  # `minitpo run` first runs `minitpo judge-check` (saved as judge_check.json) and
+    #   warns when the judge cannot be told from chance; a GGUF judge on 256 items takes a minute or two
 
     def __post_init__(self):
         if self.rho != "auto":

@@ -18,7 +18,6 @@ killed run resumes from the last finished stage. The run directory is the source
 
 import dataclasses
 import gc
-import statistics
 import time
 from pathlib import Path
 
@@ -31,13 +30,13 @@ from minitpo.config import Recipe
 from minitpo.recipe import recipe_to_dict
 from minitpo.data import Instruction, load_instructions, split_instructions
 from minitpo.errors import UserError
-from minitpo.judge import load_prompt_template
+from minitpo.judges.llama import load_prompt_template
 from minitpo.model import enable_checkpointing, load_policy, pick_device, save_adapter
 from minitpo.pairs import Pair, auto_rho, build_pairs, control_length
 from minitpo.prompts import load_template
 from minitpo.sample import Candidate, eos_token_ids, sample_candidates
-from minitpo.verifiable import pass_counts
-from minitpo.scores import score_candidates
+from minitpo.judges import score_candidates
+from minitpo.summary import summarize, summary_line, write_summary
 from minitpo.train import reference_logps, tokenize_pairs, train_adapter
 
 
@@ -59,23 +58,33 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
         if not (out / "held_out.jsonl").exists():
             io.write_jsonl(out / "held_out.jsonl", [dataclasses.asdict(i) for i in held_out])
 
+        if recipe.judge.check:  # is the judge worth the hours? once per run directory, before sampling
+            from minitpo.judges.check import at_chance, check_judge, sanity_items, warning
+
+            path = out / "judge_check.json"
+            if not path.exists():
+                io.write_json(path, check_judge(recipe.judge, sanity_items()))
+            checked = io.read_json(path)
+            click.echo(f"judge-check: accuracy {checked['accuracy']:.3f} (95% CI {checked['ci_low']:.3f}-"
+                       f"{checked['ci_high']:.3f}) over {checked['n']} items")
+            if at_chance(checked):
+                click.echo(warning(checked), err=True)
+
         policy = Policy(recipe, out)
         for t, instructions in enumerate(slices, start=1):
-            it = out / f"iter-{t}"
-            if (it / "summary.json").exists():
+            it = rundir.iteration_dir(out, t)
+            if (it / rundir.SUMMARY).exists():
                 continue
             summary = run_iteration(t, it, instructions, template, recipe, policy)
-            io.write_json(it / "summary.json", summary)
-            io.write_jsonl(out / "metrics.jsonl",
-                           [io.read_json(out / f"iter-{s}" / "summary.json") for s in range(1, t + 1)])
-            click.echo(_summary_line(summary))
+            write_summary(out, t, summary)
+            click.echo(summary_line(summary))
 
         click.echo(f"iterations done: {out}")
         if recipe.evaluate:  # the last iteration against the seed, once: a rerun reads the saved result
             from minitpo.evaluate import evaluate, summary_text
 
             del policy
-            saved = out / "eval" / f"iter-{len(slices)}-vs-seed.json"
+            saved = out / "eval" / f"{rundir.iteration_name(len(slices))}-vs-seed.json"
             click.echo(summary_text(io.read_json(saved) if saved.exists() else evaluate(out)))
     return out
 
@@ -173,7 +182,7 @@ class Policy:
         if self.model is None or self.trained != t:
             self.model = None
             gc.collect()
-            adapter = self.out / f"iter-{t}" / "adapter" if t > 0 else None
+            adapter = rundir.adapter_dir(self.out, rundir.iteration_name(t)) if t > 0 else None
             self.model, self.tokenizer = load_policy(self.recipe.policy, adapter, self.device)
             if _checkpointing(self.recipe):
                 enable_checkpointing(self.model)
@@ -193,67 +202,6 @@ class Policy:
 def _checkpointing(recipe: Recipe) -> bool:
     on = recipe.train.gradient_checkpointing
     return recipe.policy.quantization == "nf4" if on is None else on
-
-
-def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, judge_stats, times,
-              marker: str | None = None) -> dict:
-    parsed = [c for c in candidates if c.parsed]
-    met, total = map(sum, zip(*(pass_counts(c.instruction, c.response) for c in parsed))) if parsed else (0, 0)
-    by_key = {(c.instruction_id, c.index): c for c in candidates}
-    raw = {(s["instruction_id"], s["index"]): s["score"] for s in scores}
-    trained = [r for r in pair_rows if not r["skipped"]]
-    last_epoch = [r for r in log_rows if r["epoch"] == (train_summary.get("epochs") or [{}])[-1].get("epoch")]
-
-    def mean(xs):
-        xs = list(xs)
-        return round(statistics.fmean(xs), 4) if xs else None
-
-    return {
-        "iteration": t,
-        "instructions": len({c.instruction_id for c in candidates}),
-        "candidates": len(candidates),
-        "parse_rate": mean(c.parsed for c in candidates),
-        "truncated_rate": mean(c.truncated for c in candidates),
-        # sampling.force_marker: how often the model wrote the marker itself, and how often it was appended
-        "marker_rate": mean(not c.forced and marker in c.text for c in candidates) if marker else None,
-        "forced_rate": mean(c.forced for c in candidates),
-        # verifiable instructions (minitpo/verifiable.py): the share of their constraints met, strictly
-        "constraint_pass_rate": round(met / total, 4) if total else None,
-        "judge_score": mean(s["score"] for s in scores),
-        "thought_chars": mean(len(c.thought) for c in parsed),
-        "response_chars": mean(len(c.response) for c in parsed),
-        "rho": scores[0]["rho"] if scores else None,
-        "pairs": len(pair_rows),
-        "pairs_trained": len(trained),
-        "pairs_skipped_too_long": len(pair_rows) - len(trained),
-        "pairs_prompt_truncated": sum(r["prompt_truncated"] for r in pair_rows),
-        "rejected_parse_failures": sum(not r["rejected_parsed"] for r in pair_rows),
-        "chosen_score": mean(raw[(r["instruction_id"], r["chosen_index"])] for r in pair_rows),
-        "rejected_score": mean(raw[(r["instruction_id"], r["rejected_index"])] for r in pair_rows if r["rejected_parsed"]),
-        # over pairs whose rejected side parsed (a failure has no response): what rho: auto compares
-        "chosen_response_chars": mean(len(by_key[(r["instruction_id"], r["chosen_index"])].response)
-                                      for r in pair_rows if r["rejected_parsed"]),
-        "rejected_response_chars": mean(len(by_key[(r["instruction_id"], r["rejected_index"])].response)
-                                        for r in pair_rows if r["rejected_parsed"]),
-        "train_loss": mean(r["loss"] for r in last_epoch),
-        "reward_accuracy": mean(r["reward_accuracy"] for r in last_epoch),
-        "reward_margin": mean(r["margin"] for r in last_epoch),
-        "best_epoch": train_summary.get("best_epoch"),
-        "position_consistency": judge_stats.get("position_consistency"),
-        "judge_verdict_mass": judge_stats.get("verdict_mass"),
-        # judge prompts over judge.n_ctx, whose response was cut to fit (pairwise: pairs of responses)
-        "judge_prompts_cut": judge_stats.get("responses_cut", judge_stats.get("pairs_cut")),
-        "stage_wall_s": times,
-    }
-
-
-def _summary_line(s: dict) -> str:
-    def f(x, spec):
-        return "-" if x is None else format(x, spec)
-    return (f"iter {s['iteration']}: parse {f(s['parse_rate'], '.2f')} | score {f(s['judge_score'], '.2f')} | "
-            f"pairs {s['pairs_trained']}/{s['instructions']} | thought {f(s['thought_chars'], '.0f')} "
-            f"resp {f(s['response_chars'], '.0f')} chars | loss {f(s['train_loss'], '.3f')} "
-            f"acc {f(s['reward_accuracy'], '.2f')} | {sum(v for v in s['stage_wall_s'].values() if v):.1f} s")
 
 
 def _claim_run_dir(out: Path, recipe: Recipe) -> None:

@@ -211,12 +211,12 @@ def _check_files(recipe: Recipe) -> None:
     if judge.type == "reward_model" and judge.model:
         _check_model("judge.model", judge.model, "give a Hub id or a local folder of a reward model")
     if judge.type == "python":
-        from minitpo.judge import load_python_judge  # imports the module and checks the name is callable
+        from minitpo.judges.python import load_python_judge  # imports the module and checks the name is callable
 
         load_python_judge(judge.function)
     if judge.prompt:
         _check_file("judge.prompt", judge.prompt, "give a template file or remove the key")
-        from minitpo.judge import load_prompt_template  # checks its {instruction} and {response}
+        from minitpo.judges.llama import load_prompt_template  # checks its {instruction} and {response}
 
         load_prompt_template(judge.prompt)
     if recipe.thought.template not in ("generic", "specific", "direct"):

@@ -300,9 +300,9 @@ def test_genuine_short_answers_are_not_degenerate():
 
 def test_the_judge_hook_loads_and_calls_score():
     from minitpo.config import JudgeConfig
-    from minitpo.judge import judge_responses
+    from minitpo.judges.python import score_responses
 
     cfg = JudgeConfig(type="python", function="minitpo.verifiable:score")
     instruction, meets_all, meets_none = CASES[3]
-    scores = judge_responses(cfg, [instruction] * 3, [meets_all, meets_none, ""], progress=False)
+    scores = [r["score"] for r in score_responses(cfg, [instruction] * 3, [meets_all, meets_none, ""], progress=False)]
     assert scores == [10.0, pytest.approx(2.5), 0.0]  # meets_none: 1 + 9 * mean(1/3 for two "really", 0)

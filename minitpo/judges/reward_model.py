@@ -83,8 +83,8 @@ def _score_unpadded(model, ids: torch.Tensor) -> float:
         text_config.pad_token_id = saved
 
 
-def judge_reward_model(cfg, instructions: list[str], responses: list[str], progress: bool = True) -> list[float]:
-    """One raw score per (instruction, response), in cfg.batch_size batches."""
+def score_responses(cfg, instructions: list[str], responses: list[str], progress: bool = True) -> list[dict]:
+    """One dict(score, score_mass=None) per (instruction, response), in cfg.batch_size batches."""
     assert len(instructions) == len(responses), f"{len(instructions)} instructions, {len(responses)} responses"
     if not responses:
         return []
@@ -98,7 +98,7 @@ def judge_reward_model(cfg, instructions: list[str], responses: list[str], progr
                 chunk = rendered[start:start + cfg.batch_size]
                 scores += score_batch(tokenizer, model, [t for t, _ in chunk], chunk[0][1])
                 bar.update(len(chunk))
-        return scores
+        return [{"score": s, "score_mass": None} for s in scores]
     finally:
         del model
         gc.collect()

@@ -1,9 +1,20 @@
-"""Raw judge scores for an iteration's parsed candidates, whatever the judge, through an on-disk cache.
+"""The judges: every way minitpo scores responses, behind one dispatch. The judge sees responses only.
 
-Consumes the `JudgeConfig` and the parsed `Candidate`s; produces one raw score per candidate and the
-judge's statistics. Every judgement lands in `iter-N/judge_cache.jsonl` as soon as its chunk is done,
-so a run killed while judging resumes without judging the same response (or, pairwise, the same
-ordered pair) twice. Identical responses to one instruction are judged once and score the same.
+  llama.py         pointwise GGUF judge via llama.cpp (and the llama.cpp plumbing the others share)
+  pairwise.py      pairwise GGUF judge: every ordered pair, fit with Bradley-Terry
+  reward_model.py  a transformers sequence-classification reward model
+  python.py        the user's own function, f(instruction, response) -> float
+  check.py         `minitpo judge-check`: is the judge better than chance? (sanity.jsonl)
+
+This module is the dispatch (`pointwise_scorer`, `compare`), the one verdict rule (`verdict`), and
+the judge stage's on-disk cache (`score_candidates`): it consumes the `JudgeConfig` and an iteration's
+parsed `Candidate`s and produces one raw score per candidate and the judge's statistics. Every
+judgement lands in `iter-N/judge_cache.jsonl` as soon as its chunk is done, so a run killed while
+judging resumes without judging the same response (or, pairwise, the same ordered pair) twice.
+Identical responses to one instruction are judged once and score the same.
+
+Submodules are imported where they are used: llama.cpp, transformers and the user's module load only
+for the judge a recipe names.
 """
 
 from pathlib import Path
@@ -34,20 +45,41 @@ def score_candidates(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
                                         "responses_cut": sum(bool(r.get("cut")) for r in rows)}
 
 
+def verdict(p: float) -> float:
+    """1 for a win (p > 0.5), 0.5 for an exact tie, 0 for a loss, where p = P(the first is better):
+    win rates count ties as half a win, and battle matrices count a win per order."""
+    return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
+
+
 def pointwise_scorer(cfg):
-    """f(cfg, instructions, responses) -> [{"score": float, "score_mass": float or None}]."""
+    """f(cfg, instructions, responses, progress=True) -> [{"score": float, "score_mass": float or None}]
+    for every judge that scores one response at a time (all but the pairwise GGUF judge)."""
+    assert cfg.mode == "pointwise" or cfg.type != "llama_cpp", "the pairwise judge scores groups: see score_candidates"
     if cfg.type == "reward_model":
-        from minitpo.reward_model import judge_reward_model
+        from minitpo.judges.reward_model import score_responses
+    elif cfg.type == "python":
+        from minitpo.judges.python import score_responses
+    else:
+        from minitpo.judges.llama import score_responses
+    return score_responses
 
-        return lambda *args: [{"score": s, "score_mass": None} for s in judge_reward_model(*args)]
-    from minitpo.judge import judge_responses_detailed
 
-    return judge_responses_detailed
+def compare(cfg, instructions: list[str], ours: list[str], theirs: list[str]) -> list[float]:
+    """p = P(our response is better) per item, with whatever judge `cfg` names: a GGUF judge reads
+    both orders of each pair (pairwise.compare); a pointwise judge scores each response, and p is 1
+    when ours scores higher, 0.5 on a tie, 0 below."""
+    if cfg.type == "llama_cpp":
+        from minitpo.judges.pairwise import compare as compare_pairwise
+
+        return compare_pairwise(cfg, instructions, ours, theirs)
+    scored = pointwise_scorer(cfg)(cfg, instructions * 2, ours + theirs)
+    n = len(instructions)
+    return [0.5 + 0.5 * ((a["score"] > b["score"]) - (a["score"] < b["score"])) for a, b in zip(scored[:n], scored[n:])]
 
 
 def _score_pairwise(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
     """Bradley-Terry scores within each instruction's group of parsed responses."""
-    from minitpo.pairwise import judge_pairwise
+    from minitpo.judges.pairwise import judge_pairwise
 
     cache = {(r["instruction"], r["first"], r["second"]): r["verdict"] for r in io.read_jsonl(cache_path, missing_ok=True)}
     groups: dict[int, list] = {}

@@ -1,4 +1,4 @@
-"""Tests for minitpo/reward_model.py on a tiny random Qwen2ForSequenceClassification (num_labels=1) saved
+"""Tests for minitpo/judges/reward_model.py on a tiny random Qwen2ForSequenceClassification (num_labels=1) saved
 with the tiny tokenizer of recipes/tiny/policy; real transformers and real bitsandbytes 4-bit on CPU."""
 
 import pytest
@@ -6,10 +6,14 @@ import torch
 
 from minitpo.config import JudgeConfig
 from minitpo.errors import UserError
-from minitpo.reward_model import judge_reward_model, load_reward_model, render
+from minitpo.judges.reward_model import load_reward_model, render, score_responses
 
 INSTRUCTIONS = ["Name one thing a river carries.", "Describe a lamp.", "Why do foxes hunt at night?"]
 RESPONSES = ["Water.", "A lamp is a small source of warm light, often on a desk.", "Because mice are out then."]
+
+
+def _scores(cfg, instructions, responses, progress=False) -> list[float]:
+    return [r["score"] for r in score_responses(cfg, instructions, responses, progress)]
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +39,14 @@ def _cfg(path, **kw):
 
 
 def test_scores_are_deterministic_and_independent_of_batch_size(reward_dir):
-    one = judge_reward_model(_cfg(reward_dir, batch_size=1), INSTRUCTIONS, RESPONSES, progress=False)
-    three = judge_reward_model(_cfg(reward_dir, batch_size=3), INSTRUCTIONS, RESPONSES, progress=False)
-    again = judge_reward_model(_cfg(reward_dir, batch_size=3), INSTRUCTIONS, RESPONSES, progress=False)
+    one = _scores(_cfg(reward_dir, batch_size=1), INSTRUCTIONS, RESPONSES, progress=False)
+    three = _scores(_cfg(reward_dir, batch_size=3), INSTRUCTIONS, RESPONSES, progress=False)
+    again = _scores(_cfg(reward_dir, batch_size=3), INSTRUCTIONS, RESPONSES, progress=False)
     assert len(one) == 3 and all(isinstance(s, float) for s in one)
     assert three == again
     assert one == pytest.approx(three, abs=1e-5)  # padding (different lengths in a batch) changes nothing
     assert len(set(one)) == 3
-    assert judge_reward_model(_cfg(reward_dir), [], [], progress=False) == []
+    assert _scores(_cfg(reward_dir), [], [], progress=False) == []
 
 
 def test_scores_the_chat_rendering_at_its_last_token(reward_dir):
@@ -56,21 +60,21 @@ def test_scores_the_chat_rendering_at_its_last_token(reward_dir):
         # the last position of the unpadded sequence, computed without the classifier's pooling
         hidden = model.model(input_ids=ids).last_hidden_state[0, -1]
         expected = float(model.score(hidden)[0])
-    score = judge_reward_model(_cfg(reward_dir), INSTRUCTIONS[:1], RESPONSES[:1], progress=False)[0]
+    score = _scores(_cfg(reward_dir), INSTRUCTIONS[:1], RESPONSES[:1], progress=False)[0]
     assert score == pytest.approx(expected, abs=1e-5)
 
 
 def test_nf4_variant_runs(reward_dir):
-    scores = judge_reward_model(_cfg(reward_dir, quantization="nf4", batch_size=2), INSTRUCTIONS, RESPONSES,
+    scores = _scores(_cfg(reward_dir, quantization="nf4", batch_size=2), INSTRUCTIONS, RESPONSES,
                                 progress=False)
-    full = judge_reward_model(_cfg(reward_dir), INSTRUCTIONS, RESPONSES, progress=False)
+    full = _scores(_cfg(reward_dir), INSTRUCTIONS, RESPONSES, progress=False)
     assert len(scores) == 3 and all(torch.isfinite(torch.tensor(scores)))
     assert scores != full  # it really is quantized
 
 
 def test_missing_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="judge.model"):
-        judge_reward_model(_cfg(tmp_path / "nope"), ["i"], ["r"], progress=False)
+        _scores(_cfg(tmp_path / "nope"), ["i"], ["r"], progress=False)
 
 
 def test_input_ending_with_the_pad_token_is_still_scored_at_its_last_token(reward_dir, tmp_path):
@@ -81,6 +85,19 @@ def test_input_ending_with_the_pad_token_is_still_scored_at_its_last_token(rewar
     tokenizer.pad_token = "Ċ"
     tokenizer.save_pretrained(tmp_path)
     AutoModelForSequenceClassification.from_pretrained(reward_dir).save_pretrained(tmp_path)
-    padded_with_newline = judge_reward_model(_cfg(tmp_path, batch_size=3), INSTRUCTIONS, RESPONSES, progress=False)
-    reference = judge_reward_model(_cfg(reward_dir, batch_size=1), INSTRUCTIONS, RESPONSES, progress=False)
+    padded_with_newline = _scores(_cfg(tmp_path, batch_size=3), INSTRUCTIONS, RESPONSES, progress=False)
+    reference = _scores(_cfg(reward_dir, batch_size=1), INSTRUCTIONS, RESPONSES, progress=False)
     assert padded_with_newline == pytest.approx(reference, abs=1e-5)
+
+
+def test_judge_check_with_a_reward_model_counts_its_own_scores(reward_dir):
+    """judge-check's verdicts are the reward model's score comparisons, item by item."""
+    from minitpo.judges.check import check_judge, sanity_items
+
+    items = sanity_items()[::17]  # 16 items, every kind (the kinds of a row are consecutive)
+    result = check_judge(_cfg(reward_dir, batch_size=1), items, progress=False)  # unpadded, as below
+    chosen = _scores(_cfg(reward_dir, batch_size=1), [it.prompt for it in items], [it.chosen for it in items])
+    rejected = _scores(_cfg(reward_dir, batch_size=1), [it.prompt for it in items], [it.rejected for it in items])
+    expected = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)]
+    assert result["n"] == 16 and result["accuracy"] == pytest.approx(sum(expected) / 16)
+    assert result["verdict_mass"] is None and len(result["kinds"]) == 4

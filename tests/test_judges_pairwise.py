@@ -1,4 +1,4 @@
-"""Tests for minitpo/pairwise.py and pairs.bradley_terry. The judge tests load recipes/tiny/judge.gguf
+"""Tests for minitpo/judges/pairwise.py and its bradley_terry. The judge tests load recipes/tiny/judge.gguf
 (a random llama GGUF whose tokenizer writes every letter and digit as one token) in the real llama.cpp;
 its verdicts are meaningless but deterministic."""
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minitpo import pairwise
+from minitpo.judges import pairwise
 from minitpo.config import JudgeConfig
-from minitpo.judge import open_llama_judge, sanitize
-from minitpo.pairs import bradley_terry
+from minitpo.judges.llama import open_llama_judge, sanitize
+from minitpo.judges.pairwise import bradley_terry
 
 GGUF = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "judge.gguf"
 needs_gguf = pytest.mark.skipif(not GGUF.is_file(), reason="run recipes/tiny/make_tiny.py first")

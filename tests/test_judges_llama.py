@@ -1,14 +1,13 @@
-"""Tests for minitpo/judge.py, on a tiny random llama-architecture GGUF written here with the `gguf`
+"""Tests for minitpo/judges/llama.py, on a tiny random llama-architecture GGUF written here with the `gguf`
 package and loaded by the real llama.cpp (no mocks), and on recipes/tiny/judge.gguf when it exists. The
 file runs in about 15 s on 2 idle CPU cores (its byte-level vocabulary makes prompts ~1,000 tokens)."""
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from minitpo import judge
+from minitpo.judges import llama as judge
 from minitpo.config import JudgeConfig
 from minitpo.errors import UserError
 
@@ -83,6 +82,10 @@ def write_tiny_gguf(path, chat_template: str | None = None, seed: int = 0, n_emb
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+def _scores(cfg, instructions, responses, progress=False) -> list[float]:
+    return [r["score"] for r in judge.score_responses(cfg, instructions, responses, progress)]
 
 
 def Cfg(**fields) -> JudgeConfig:
@@ -180,8 +183,8 @@ def test_custom_prompt_template(tmp_path):
 def test_scores_in_range_and_deterministic(ggufs, kind):
     cfg = Cfg(model=str(ggufs[kind]))
     instructions, responses = _groups(2, 3)
-    first = judge.judge_responses_detailed(cfg, instructions, responses, progress=False)
-    again = judge.judge_responses(cfg, instructions, responses, progress=False)
+    first = judge.score_responses(cfg, instructions, responses, progress=False)
+    again = _scores(cfg, instructions, responses, progress=False)
     scores = [r["score"] for r in first]
     assert all(1.0 <= s <= 9.0 for s in scores)
     assert all(0.0 < r["score_mass"] < 1.0 for r in first)
@@ -232,7 +235,7 @@ def test_malformed_gguf_is_a_user_error(ggufs, tmp_path):
     header_only.write_bytes(ggufs["plain"].read_bytes()[:100])
     for path in (random_bytes, truncated, header_only, tmp_path / "missing.gguf"):
         with pytest.raises(UserError) as e:
-            judge.judge_responses(Cfg(model=str(path)), ["q"], ["a"], progress=False)
+            _scores(Cfg(model=str(path)), ["q"], ["a"], progress=False)
         msg = str(e.value)
         assert msg.startswith(f"judge.model: {path} ") and "GGUF" in msg and "\n" not in msg
 
@@ -241,9 +244,9 @@ def test_prompt_longer_than_n_ctx_is_cut_to_fit_and_flagged(ggufs):
     """A response too long for judge.n_ctx is scored on its beginning, cut to fit, never an error."""
     cfg = Cfg(model=str(ggufs["plain"]), n_ctx=640)
     long = " ".join(f"word{i}" for i in range(800))
-    results = judge.judge_responses_detailed(cfg, ["q", "q"], [long, "a short answer"], progress=False)
+    results = judge.score_responses(cfg, ["q", "q"], [long, "a short answer"], progress=False)
     assert [r["cut"] for r in results] == [True, False]
-    alone = judge.judge_responses_detailed(cfg, ["q"], ["a short answer"], progress=False)[0]
+    alone = judge.score_responses(cfg, ["q"], ["a short answer"], progress=False)[0]
     assert results[1]["score"] == alone["score"]  # the cut one did not disturb its neighbour
     with judge.open_llama_judge(cfg) as llm:
         template = judge.load_prompt_template(None)
@@ -256,68 +259,34 @@ def test_prompt_longer_than_n_ctx_is_cut_to_fit_and_flagged(ggufs):
         assert "word0" + shown[: shown.index("word")] in long and kept.endswith(judge.LEAD_IN)
         assert "word799" not in kept
         assert results[0]["score"] == pytest.approx(
-            judge.score_from_logits(judge._eval_prompt(llm, tokens, reuse_prefix=False), judge.score_token_ids(llm))["score"])
+            judge.score_from_logits(judge.eval_prompt(llm, tokens, reuse_prefix=False), judge.score_token_ids(llm))["score"])
     with pytest.raises(UserError, match="judge.n_ctx: 256 tokens cannot hold the judge's prompt itself"):
-        judge.judge_responses(Cfg(model=str(ggufs["plain"]), n_ctx=256), ["q"], ["a"], progress=False)
+        _scores(Cfg(model=str(ggufs["plain"]), n_ctx=256), ["q"], ["a"], progress=False)
 
 
 @pytest.mark.skipif(not RECIPE_GGUF.is_file(), reason="recipes/tiny/judge.gguf not built yet")
 def test_recipe_tiny_judge_gguf():
     instructions, responses = _groups(2, 3)
     cfg = Cfg(model=str(RECIPE_GGUF))
-    scores = judge.judge_responses(cfg, instructions, responses, progress=False)
+    scores = _scores(cfg, instructions, responses, progress=False)
     assert all(1.0 <= s <= 9.0 for s in scores)
     with judge.open_llama_judge(cfg) as llm:
         fresh = judge.score_with_llama(llm, judge.JUDGE_PROMPT, instructions, responses, reuse_prefix=False)
     assert np.allclose(scores, [r["score"] for r in fresh], atol=1e-4, rtol=0)
 
 
-# ---------------------------------------------------------------------------------------------- python
-
-@pytest.fixture
-def judge_module(tmp_path, monkeypatch):
-    (tmp_path / "my_judge.py").write_text(textwrap.dedent("""
-        def by_length(instruction, response):
-            return len(response)
-
-        def bad(instruction, response):
-            return {"score": 1} if response == "x" else float("nan")
-        """), encoding="utf-8")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path / "my_judge.py"
-
-
-def test_python_judge_module_and_file(judge_module):
-    for function in ("my_judge:by_length", f"{judge_module}:by_length"):
-        cfg = Cfg(type="python", function=function)
-        assert judge.judge_responses(cfg, ["q", "q"], ["ab", "abcd"], progress=False) == [2.0, 4.0]
-        assert judge.judge_responses_detailed(cfg, ["q"], ["a"], progress=False) == [{"score": 1.0, "score_mass": None}]
-
-
-@pytest.mark.parametrize("response, shown", [("x", "{'score': 1}"), ("y", "nan")])
-def test_python_judge_bad_return_is_a_user_error(judge_module, response, shown):
-    with pytest.raises(UserError, match=rf"judge.function: my_judge:bad returned {shown}"):
-        judge.judge_responses(Cfg(type="python", function="my_judge:bad"), ["q"], [response], progress=False)
-
-
-@pytest.mark.parametrize("function", ["no_such_module_xyz:f", "my_judge:missing", "nocolon", "/no/such/file.py:f"])
-def test_python_judge_bad_function_is_a_user_error(judge_module, function):
-    with pytest.raises(UserError, match="judge.function"):  # "nocolon" is already caught by JudgeConfig
-        judge.judge_responses(Cfg(type="python", function=function), ["q"], ["a"], progress=False)
-
-
 def test_empty_input_loads_nothing():
-    assert judge.judge_responses(Cfg(model="/no/such/model.gguf"), [], [], progress=False) == []
+    assert _scores(Cfg(model="/no/such/model.gguf"), [], []) == []
 
 
 # ---------------------------------------------------------------------------------------------- quantized
 
 SCORE_IN_CHILD = """
 import json, sys
-from minitpo import judge
+from minitpo.judges import llama as judge
 from minitpo.config import JudgeConfig
 instructions, responses = json.loads(sys.argv[2])
-out = judge.judge_responses_detailed(JudgeConfig(model=sys.argv[1]), instructions, responses, progress=False)
+out = judge.score_responses(JudgeConfig(model=sys.argv[1]), instructions, responses, progress=False)
 print(json.dumps(out))
 """
 

@@ -1,21 +1,17 @@
-"""Judge stage: one score per (instruction, response). The judge never sees the thought.
+"""The pointwise GGUF judge (judge.type llama_cpp, mode pointwise), and the llama.cpp plumbing the
+pairwise judge shares: opening a model, tokenizing a chat-formatted prompt, fitting it to n_ctx,
+evaluating it with prefix reuse.
 
-Consumes: a `JudgeConfig` and parallel lists of instructions and responses (responses already split from
-their thoughts). Produces: one raw float per response (length control happens in pairs.py). Judges:
-- `llama_cpp`: a GGUF instruct model as a pointwise judge (as the paper's ArmoRM is pointwise). One
-  forward pass per response, no generation: the prompt ends where the rating digit goes, and the score is
-  the expected rating under the next-token probabilities of the digits 1..9, renormalised over them.
-  `score_mass` records their probability before renormalising: near 1 for a capable judge, small for a
-  tiny random one. The model is loaded per call and closed before returning: llama.cpp memory lives
-  outside PyTorch, nothing frees it but an explicit close, and training needs it back.
-- `python`: the one documented hook for user code, `f(instruction, response) -> float`.
+Consumes a `JudgeConfig` and parallel lists of instructions and responses (responses already split
+from their thoughts: the judge never sees the thought). Produces one dict per response: `score`, the
+expected rating under the next-token probabilities of the digits 1..9 renormalised over them (the
+paper's ArmoRM is pointwise too), `score_mass`, their probability before renormalising (near 1 for a
+capable judge, small for a tiny random one), and `cut` (the prompt was over n_ctx). One forward pass
+per response, no generation. The model is loaded per call and closed before returning: llama.cpp
+memory lives outside PyTorch, nothing frees it but an explicit close, and training needs it back.
 """
 
 import ctypes
-import importlib
-import importlib.util
-import math
-import numbers
 import os
 import re
 import sys
@@ -30,7 +26,7 @@ from tqdm import tqdm
 from minitpo.errors import UserError
 
 # The built-in judge prompt. The instruction comes first so that the K responses to one instruction
-# share a token prefix (see _eval_prompt). Rating format after MT-Bench's "[[rating]]"; we end the
+# share a token prefix (see eval_prompt). Rating format after MT-Bench's "[[rating]]"; we end the
 # prompt with LEAD_IN so the very next token is the digit, with no space in between: tokenizers
 # disagree on whether " 7" is one token, but none merges "[[" with a digit.
 JUDGE_PROMPT = """\
@@ -51,7 +47,7 @@ Rate the response on a scale of 1 to 9, where 1 is very poor and 9 is excellent.
 rating only, strictly in this format: [[rating]]"""
 LEAD_IN = "Rating: [["
 SCORE_DIGITS = "123456789"
-KEEP_ALIGN = 32  # tokens; see _eval_prompt
+KEEP_ALIGN = 32  # tokens; see eval_prompt
 
 _FENCE_TAG = re.compile(r"<(?=\s*/?\s*(?:instruction|response)\b)", re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"\{(instruction|response)\}")
@@ -121,27 +117,16 @@ def judge_prompt_parts(template: str, instruction: str, response: str,
     return turn[0], user_text, turn[1] + LEAD_IN
 
 
-def judge_responses(cfg, instructions: list[str], responses: list[str], progress: bool = True) -> list[float]:
-    """One raw score per (instruction, response); see judge_responses_detailed."""
-    return [r["score"] for r in judge_responses_detailed(cfg, instructions, responses, progress)]
-
-
-def judge_responses_detailed(cfg, instructions: list[str], responses: list[str],
-                             progress: bool = True) -> list[dict]:
-    """One dict(score, score_mass) per (instruction, response). score_mass is None for a python judge.
-    Put the K responses to one instruction next to each other: consecutive prompts share their prefix."""
+def score_responses(cfg, instructions: list[str], responses: list[str], progress: bool = True) -> list[dict]:
+    """One dict(score, score_mass, cut) per (instruction, response). Put the K responses to one
+    instruction next to each other: consecutive prompts share their prefix."""
     assert len(instructions) == len(responses), f"{len(instructions)} instructions, {len(responses)} responses"
     if not responses:
         return []
-    bar = tqdm(total=len(responses), desc="judge", unit="resp", disable=not progress)
-    with bar:
-        if cfg.type == "python":
-            return _judge_python(cfg, instructions, responses, bar)
-        if cfg.type == "llama_cpp":
-            with open_llama_judge(cfg) as llm:
-                return score_with_llama(llm, load_prompt_template(cfg.prompt), instructions, responses,
-                                        reuse_prefix=True, bar=bar)
-    raise UserError(f'judge.type: {cfg.type!r} is not a judge type; use "llama_cpp" or "python"')
+    with tqdm(total=len(responses), desc="judge", unit="resp", disable=not progress) as bar:
+        with open_llama_judge(cfg) as llm:
+            return score_with_llama(llm, load_prompt_template(cfg.prompt), instructions, responses,
+                                    reuse_prefix=True, bar=bar)
 
 
 # ---------------------------------------------------------------------------------------------- llama.cpp
@@ -256,7 +241,7 @@ def tokenize_prompt(llm, parts: tuple[str, str, str]) -> list[int]:
     return tokens + llm.tokenize(tail.encode(), add_bos=False, special=True)
 
 
-def _eval_prompt(llm, tokens: list[int], reuse_prefix: bool) -> np.ndarray:
+def eval_prompt(llm, tokens: list[int], reuse_prefix: bool) -> np.ndarray:
     """Evaluate `tokens` and return the logits (n_vocab,) at the last position.
 
     Prefix reuse: llm.input_ids[:llm.n_tokens] are the tokens whose keys/values sit in the KV cache. We
@@ -307,7 +292,7 @@ def score_with_llama(llm, template: str, instructions: list[str], responses: lis
     results = []
     for instruction, response in zip(instructions, responses):
         tokens, cut = fit_prompt(llm, lambda i, r: judge_prompt_parts(template, i, r, turn), [instruction, response])
-        results.append({**score_from_logits(_eval_prompt(llm, tokens, reuse_prefix), score_ids), "cut": cut})
+        results.append({**score_from_logits(eval_prompt(llm, tokens, reuse_prefix), score_ids), "cut": cut})
         if bar is not None:
             bar.update(1)
     return results
@@ -341,46 +326,3 @@ def model_chat_turn(llm) -> tuple[str, str] | None:
     template = llm.metadata.get("tokenizer.chat_template")
     text = lambda i: llm.detokenize([i], special=True).decode("utf-8", "replace") if i >= 0 else ""  # noqa: E731
     return chat_turn(template, text(llm.token_bos()), text(llm.token_eos())) if template else None
-
-
-# ---------------------------------------------------------------------------------------------- python
-
-def load_python_judge(function: str):
-    """`module:callable` (an importable module) or `path/to/file.py:callable`."""
-    where, sep, name = function.rpartition(":")
-    if not sep or not where or not name:
-        raise UserError(f'judge.function: {function!r} is not "module:callable" or "path/to/file.py:callable"; '
-                        "name the module or file and the function")
-    if where.endswith(".py"):
-        path = Path(where)
-        if not path.is_file():
-            raise UserError(f"judge.function: {path} does not exist; give the path of your judge's .py file")
-        spec = importlib.util.spec_from_file_location(f"minitpo_user_judge_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ModuleNotFoundError as e:
-            if e.name is None or not (where == e.name or where.startswith(e.name + ".")):
-                raise  # the module exists but one of its own imports failed: show the real traceback
-            raise UserError(f"judge.function: module {where!r} cannot be imported; check the name "
-                            "or give a path to a .py file") from None
-    f = getattr(module, name, None)
-    if not callable(f):
-        raise UserError(f"judge.function: {where} has no callable {name!r}; define {name}(instruction, response)")
-    return f
-
-
-def _judge_python(cfg, instructions, responses, bar) -> list[dict]:
-    f = load_python_judge(cfg.function)
-    results = []
-    for instruction, response in zip(instructions, responses):
-        value = f(instruction, response)
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok:
-            raise UserError(f"judge.function: {cfg.function} returned {value!r}; it must return a finite "
-                            "number (int or float) for every response")
-        results.append({"score": float(value), "score_mass": None})
-        bar.update(1)
-    return results

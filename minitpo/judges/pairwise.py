@@ -1,23 +1,23 @@
 """Pairwise judge (TPO.md step 4, the paper's Self-Taught Evaluator setup) on a GGUF model via llama.cpp.
 
 Consumes: a `JudgeConfig` (type llama_cpp, mode pairwise) and groups (instruction, its K responses).
-Produces: one Bradley-Terry score per response, fit within its group, plus stats on the judge's
+Produces: one Bradley-Terry score per response, fit within its group (`bradley_terry`, below), plus stats on the judge's
 position bias. Every ordered pair (m, n), m != n, is judged in both orders, K(K-1) forward passes per
 group; each pass reads P(the response shown first is better) from the next-token probabilities of the
 labels "A" and "B" at the verdict position, renormalised over the two. No text is generated, so a
 verdict can never fail to parse.
 
 The prompt is the built-in PAIRWISE_PROMPT (judge.prompt is for the pointwise judge and is not used
-here). It follows MT-Bench's pairwise "[[A]]"/"[[B]]" format and ends with judge.LEAD_IN-style
+here). It follows MT-Bench's pairwise "[[A]]"/"[[B]]" format and ends with judges.llama.LEAD_IN-style
 "Verdict: [[", so the next token is the label. Both responses are fenced and passed through
-judge.sanitize: neither can close its fence or write "[[", so neither can pose as the verdict.
+judges.llama.sanitize: neither can close its fence or write "[[", so neither can pose as the verdict.
 """
 
 import numpy as np
 from tqdm import tqdm
 
-from minitpo.judge import _eval_prompt, fit_prompt, model_chat_turn, next_token_ids, open_llama_judge, sanitize
-from minitpo.pairs import bradley_terry
+from minitpo.judges import verdict
+from minitpo.judges.llama import eval_prompt, fit_prompt, model_chat_turn, next_token_ids, open_llama_judge, sanitize
 
 # The instruction comes first so that all K(K-1) prompts of a group share it as a token prefix, and
 # the prompts with the same first response share that too (we judge them consecutively).
@@ -48,7 +48,7 @@ LABELS = "AB"  # label of the response shown first, then second
 
 def pairwise_prompt_parts(instruction: str, first: str, second: str,
                           turn: tuple[str, str] | None = None) -> tuple[str, str, str]:
-    """(head, user_text, tail) as in judge.judge_prompt_parts: the prompt ends with PAIRWISE_LEAD_IN,
+    """(head, user_text, tail) as in judges.llama.judge_prompt_parts: the prompt ends with PAIRWISE_LEAD_IN,
     once; user_text (the only part holding user text) is tokenized with special tokens off."""
     values = {"instruction": sanitize(instruction), "first": sanitize(first), "second": sanitize(second)}
     # str.format would re-read braces inside the values; replace each placeholder once, left to right
@@ -79,14 +79,16 @@ def verdict_from_logits(logits: np.ndarray, label_ids: list[int]) -> tuple[float
 
 
 def pairwise_verdicts(llm, instructions: list[str], first: list[str], second: list[str],
-                      reuse_prefix: bool = True, bar=None, cut: list | None = None) -> list[float]:
+                      reuse_prefix: bool = True, bar=None, cut: list | None = None,
+                      masses: list | None = None) -> list[float]:
     """P(the response shown first is better) for each (instruction, first, second), one forward pass
     each, in the order given. `llm` is an open llama_cpp.Llama, or a JudgeConfig to open (and close).
-    A prompt over n_ctx has its longest text cut to fit (judge.fit_prompt); its index goes into `cut`."""
+    A prompt over n_ctx has its longest text cut to fit (judges.llama.fit_prompt); its index goes into `cut`.
+    `masses`, when given, receives each pass's probability on the two labels (the verdict mass)."""
     assert len(instructions) == len(first) == len(second), "instructions, first and second differ in length"
     if not hasattr(llm, "eval"):  # a JudgeConfig
         with open_llama_judge(llm) as opened:
-            return pairwise_verdicts(opened, instructions, first, second, reuse_prefix, bar, cut)
+            return pairwise_verdicts(opened, instructions, first, second, reuse_prefix, bar, cut, masses)
     label_ids = label_token_ids(llm)
     turn = model_chat_turn(llm)
     verdicts = []
@@ -94,21 +96,19 @@ def pairwise_verdicts(llm, instructions: list[str], first: list[str], second: li
         tokens, was_cut = fit_prompt(llm, lambda *t: pairwise_prompt_parts(*t, turn), [instruction, a, b])
         if was_cut and cut is not None:
             cut.append(i)
-        verdicts.append(verdict_from_logits(_eval_prompt(llm, tokens, reuse_prefix), label_ids)[0])
+        p_first, label_mass = verdict_from_logits(eval_prompt(llm, tokens, reuse_prefix), label_ids)
+        verdicts.append(p_first)
+        if masses is not None:
+            masses.append(label_mass)
         if bar is not None:
             bar.update(1)
     return verdicts
 
 
-def win(p_first: float) -> float:
-    """1 when the response shown first won, 0 when it lost, 0.5 for an exact tie."""
-    return 1.0 if p_first > 0.5 else 0.0 if p_first < 0.5 else 0.5
-
-
 def battle_matrix(p: dict[tuple[int, int], float], k: int) -> list[list[float]]:
     """B[m][n] = 1[m beats n shown first] + 1[m beats n shown second] (TPO.md step 4), where
     p[(m, n)] = P(m better | m shown first, n second). B[m][n] + B[n][m] = 2 for m != n."""
-    return [[0.0 if m == n else win(p[(m, n)]) + 1.0 - win(p[(n, m)]) for n in range(k)] for m in range(k)]
+    return [[0.0 if m == n else verdict(p[(m, n)]) + 1.0 - verdict(p[(n, m)]) for n in range(k)] for m in range(k)]
 
 
 def judge_pairwise(cfg, groups: list[tuple[str, list[str]]], progress: bool = True,
@@ -144,7 +144,7 @@ def judge_pairwise(cfg, groups: list[tuple[str, list[str]]], progress: bool = Tr
         for m in range(k):
             for n in range(m + 1, k):
                 unordered += 1
-                agree += win(p[(m, n)]) == 1.0 - win(p[(n, m)])  # same winner (or a tie) in both orders
+                agree += verdict(p[(m, n)]) == 1.0 - verdict(p[(n, m)])  # same winner (or a tie) in both orders
         scores.append(bradley_terry(battle_matrix(p, k)))
     stats = {"position_consistency": agree / unordered if unordered else None,
              "pairs_judged": len(todo), "pairs_cached": len(keys) - len(todo), "pairs_cut": len(cut)}
@@ -167,3 +167,40 @@ def compare(cfg, instructions: list[str], responses_a: list[str], responses_b: l
         with open_llama_judge(cfg) as llm:
             p = pairwise_verdicts(llm, doubled, firsts, seconds, reuse_prefix=True, bar=bar)
     return [(p[2 * i] + 1.0 - p[2 * i + 1]) / 2 for i in range(n)]
+
+
+def bradley_terry(wins, prior: float = 0.5, max_iter: int = 10_000, tol: float = 1e-10) -> list[float]:
+    """Bradley-Terry strengths e from a K x K battle matrix, wins[m][n] = times m beat n (TPO.md step 4).
+
+    Maximises sum_{m,n} B[m][n] * log sigmoid(e_m - e_n) (Bradley & Terry 1952), where
+    B = wins + `prior` pseudo-wins each way between every pair: the prior keeps the maximum finite
+    when a candidate is undefeated or never wins, and leaves ties exactly tied. Fit with Hunter's MM
+    algorithm (Hunter 2004, "MM algorithms for generalized Bradley-Terry models"), which increases the
+    likelihood every step: with p = exp(e), p_m <- W_m / sum_{n != m} N_mn / (p_m + p_n), W_m = sum_n
+    B[m][n] the wins of m and N_mn = B[m][n] + B[n][m] the games between m and n. Returns e, mean 0.
+
+    Example: wins [[0, 3], [1, 0]] gives B = [[0, 3.5], [1.5, 0]]; at the optimum
+    sigmoid(e_0 - e_1) = 3.5 / 5, so e_0 - e_1 = log(7/3) and e = [0.4236, -0.4236]."""
+    import numpy as np
+
+    b = np.asarray(wins, dtype=np.float64)
+    k = len(b)
+    assert b.shape == (k, k), f"wins must be a square matrix, got shape {b.shape}"
+    assert (b >= 0).all() and np.isfinite(b).all(), "wins must be finite and non-negative"
+    assert prior > 0, f"prior must be positive to keep scores finite, got {prior}"
+    if k < 2:
+        return [0.0] * k
+    off = ~np.eye(k, dtype=bool)
+    b = np.where(off, b + prior, 0.0)  # self-battles never count
+    w = b.sum(axis=1)  # (K,) wins of each candidate
+    n = b + b.T  # (K, K) games between each pair, 0 on the diagonal
+    log_p = np.zeros(k)
+    for _ in range(max_iter):
+        p = np.exp(log_p)
+        new = np.log(w) - np.log((n / (p[:, None] + p[None, :])).sum(axis=1))
+        new -= new.mean()  # strengths are defined up to a shift; keep the geometric mean of p at 1
+        done = np.abs(new - log_p).max() < tol
+        log_p = new
+        if done:
+            break
+    return [float(x) for x in log_p]

@@ -1,0 +1,100 @@
+"""minitpo/judges/check.py and `minitpo judge-check`: the sanity set, the arithmetic against
+hand-computed verdicts, every judge type (python, GGUF pointwise and pairwise on the tiny judge), the
+--json file, the user's own --set, and `judge.check` in a run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY
+from minitpo.config import JudgeConfig
+from minitpo.evaluate import bootstrap_interval
+from minitpo.judges.check import KINDS, REFUSALS, at_chance, check_judge, load_preference_set, sanity_items
+from minitpo.errors import UserError
+
+LENGTH_JUDGE = "def score(instruction, response):\n    return len(response)\n"
+
+
+def minitpo(*args):
+    return subprocess.run([sys.executable, "-m", "minitpo", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_sanity_set_has_64_items_of_each_kind_built_as_documented():
+    rows = [json.loads(line) for line in (ROOT / "minitpo" / "judges" / "sanity.jsonl").read_text().splitlines()]
+    items = sanity_items()
+    assert len(rows) >= 60 and len(items) == 4 * len(rows)
+    by_kind = {k: [it for it in items if it.kind == k] for k in KINDS}
+    assert all(len(v) == len(rows) for v in by_kind.values())
+    goods = {r["good"]: r for r in rows}
+    for it in by_kind["off_topic"]:  # another row's answer, of another category
+        assert it.rejected in goods and goods[it.rejected]["category"] != goods[it.chosen]["category"]
+    for it in by_kind["truncated"]:  # a prefix of the good answer that stops mid-sentence
+        assert it.chosen.startswith(it.rejected) and len(it.rejected) < 0.7 * len(it.chosen)
+        assert not it.rejected.endswith((".", "!", "?"))
+    assert {it.rejected for it in by_kind["refusal"]} == set(REFUSALS)
+    assert all(it.rejected != it.chosen for it in items)
+
+
+def test_accuracy_per_kind_equals_hand_counted_verdicts(tmp_path):
+    """A python judge that scores length: every verdict is known from the texts alone."""
+    (tmp_path / "length_judge.py").write_text(LENGTH_JUDGE)
+    cfg = JudgeConfig(type="python", function=f"{tmp_path / 'length_judge.py'}:score")
+    items = sanity_items()
+    result = check_judge(cfg, items, progress=False)
+    for kind in KINDS:
+        verdicts = [1.0 if len(it.chosen) > len(it.rejected) else 0.5 if len(it.chosen) == len(it.rejected) else 0.0
+                    for it in items if it.kind == kind]
+        r = result["kinds"][kind]
+        assert r["n"] == len(verdicts) and r["accuracy"] == pytest.approx(sum(verdicts) / len(verdicts))
+        assert (r["ci_low"], r["ci_high"]) == pytest.approx(bootstrap_interval(verdicts))
+    assert result["kinds"]["truncated"]["accuracy"] == 1.0 and result["kinds"]["refusal"]["accuracy"] == 1.0
+    assert result["n"] == len(items) and result["verdict_mass"] is None and result["responses_per_s"] > 0
+
+
+def test_user_set_in_trl_format_and_json_through_the_cli(tmp_path):
+    rows = [{"prompt": "Capital of France?", "chosen": "Paris is the capital.", "rejected": "No."},
+            {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "It is 4."}],
+             "rejected": [{"role": "assistant", "content": "It is four hundred and twelve."}], "kind": "math"}]
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "length_judge.py").write_text(LENGTH_JUDGE)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((ROOT / "recipes" / "tiny.yaml").read_text().replace(": tiny/", f": {TINY}/"))
+    result = minitpo("judge-check", recipe, "judge.type=python", f"judge.function={tmp_path / 'length_judge.py'}:score",
+                     "--set", tmp_path / "set.jsonl", "--json", tmp_path / "out.json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.load(open(tmp_path / "out.json"))
+    assert {"n", "accuracy", "ci_low", "ci_high", "kinds"} <= set(saved)
+    assert saved["n"] == 2 and saved["accuracy"] == 0.5  # the longer wins: right once, wrong once
+    assert saved["kinds"]["all"]["accuracy"] == 1.0 and saved["kinds"]["math"]["accuracy"] == 0.0
+    assert "warning: the judge cannot be told from chance" in result.stdout  # 2 items cannot show more
+
+
+def test_bad_user_set_names_the_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a"}\n')
+    with pytest.raises(UserError, match="bad.jsonl line 2 is not a JSON object with prompt, chosen and rejected"):
+        load_preference_set(tmp_path / "bad.jsonl")
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
+def test_gguf_judges_report_verdict_mass_and_consistency(mode):
+    cfg = JudgeConfig(type="llama_cpp", mode=mode, model=str(TINY / "judge.gguf"), n_ctx=1024, n_gpu_layers=0)
+    items = [it for it in sanity_items() if it.kind in ("refusal", "truncated")][:12]
+    result = check_judge(cfg, items, progress=False)
+    assert result["n"] == 12 and 0 < result["verdict_mass"] < 1  # a random tiny judge: some mass, not all
+    if mode == "pairwise":
+        assert 0 <= result["position_consistency"] <= 1 and result["position_consistency"] is not None
+    assert at_chance(result) == (result["ci_low"] <= 0.5)
+
+
+def test_judge_check_in_a_run_is_saved_and_warns_at_chance(tmp_path):
+    out = tmp_path / "run"
+    result = minitpo("run", "recipes/tiny.yaml", "--out", out, "iterations=1", "judge.check=true",
+                     "judge.type=python", "judge.function=minitpo.verifiable:score", "train.epochs=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.load(open(out / "judge_check.json"))
+    assert saved["n"] == 256 and set(saved["kinds"]) == set(KINDS)
+    assert ("warning: the judge cannot be told from chance" in result.stderr) == (saved["ci_low"] <= 0.5)
+    assert f"judge-check: accuracy {saved['accuracy']:.3f}" in result.stdout
