@@ -9,7 +9,7 @@ probability, parse rates and response lengths, all per category too; `minitpo re
 
 As at inference (TPO.md), the judge sees responses only, never thoughts. Each model writes ONE output
 per instruction, sampled with the recipe's temperature and top-p, from the same seed. A GGUF judge
-compares the two responses pairwise (minitpo/pairwise.py), reading both orders to cancel position
+compares the two responses pairwise (minitpo/judges/pairwise.py), reading both orders to cancel position
 bias, and returns p = P(model's response is better); a pointwise judge (python, reward_model) scores
 each response, and p is 1 when the model's scores higher, 0.5 on a tie, 0 below. An output that
 breaks the thought format (or hits max_new_tokens) has no response to show a user, so it loses to a
@@ -17,18 +17,18 @@ parsed one without a judge call; two failures tie, and so do two identical respo
 """
 
 import gc
-import re
 import statistics
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from minitpo import io
+from minitpo import io, rundir
 from minitpo.config import Recipe
 from minitpo.recipe import load_recipe
 from minitpo.data import Instruction
 from minitpo.errors import UserError
+from minitpo.judges import compare, verdict
 from minitpo.prompts import load_template
 
 BOOTSTRAP_RESAMPLES = 2000  # the interval's ends move by ~0.01 between seeds at this count
@@ -37,11 +37,6 @@ CI_LEVEL = 0.95
 
 
 # ---------------------------------------------------------------- the arithmetic (pure functions)
-
-def verdict(p: float) -> float:
-    """1 for a win (p > 0.5), 0.5 for a tie, 0 for a loss: a win rate counts ties as half a win."""
-    return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
-
 
 def bootstrap_interval(verdicts, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
                        level: float = CI_LEVEL) -> tuple[float, float]:
@@ -66,6 +61,50 @@ def win_rate_summary(ps) -> dict:
             "mean_p": statistics.fmean(ps)}
 
 
+LC_RIDGE = 1e-2  # on the slope only: keeps the fit finite when length alone separates wins from losses
+
+
+def length_controlled(rows: list[dict], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                      level: float = CI_LEVEL) -> dict | None:
+    """The win rate with the length difference regressed out, in the spirit of AlpacaEval 2's
+    length-controlled win rate (Dubois et al. 2024): fit P(win) = sigmoid(a + b * tanh(d / sd(d))), d the
+    model's response length minus the other's (characters), to the verdicts (ties as 0.5) by maximum
+    likelihood, and read it at d = 0: sigmoid(a). A judge that only rewards the longer response gives
+    0.5 whatever the raw rate; a verdict that ignores length leaves the raw rate. Over the rows where both
+    responses parsed (a format failure has no length to compare); None below 2 of them. The interval
+    bootstraps the instructions and refits, as for the raw rate."""
+    both = [r for r in rows if r["model_parsed"] and r["against_parsed"]]
+    if len(both) < 2:
+        return None
+    diff = np.array([len(r["model_response"]) - len(r["against_response"]) for r in both], dtype=np.float64)
+    d = np.tanh(diff / (diff.std() or 1.0))  # (n,)
+    v = np.array([verdict(r["p"]) for r in both])  # (n,)
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([np.arange(len(v))[None], rng.integers(0, len(v), size=(resamples, len(v)))])
+    rates = _fit_at_zero(d[idx], v[idx])  # (1 + resamples,): the estimate, then the bootstrap fits
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(rates[1:], [tail, 100 - tail])
+    return {"n": len(v), "win_rate": float(rates[0]), "ci_low": float(min(low, rates[0])),
+            "ci_high": float(max(high, rates[0]))}
+
+
+def _fit_at_zero(d: np.ndarray, v: np.ndarray, iterations: int = 100) -> np.ndarray:
+    """sigmoid(a) of the logistic fit v ~ sigmoid(a + b d), for each row of d and v (R, n) at once:
+    Newton's method on the cross-entropy (fractional targets allowed) plus LC_RIDGE * b^2 / 2."""
+    a, b = np.zeros(len(d)), np.zeros(len(d))
+    for _ in range(iterations):
+        q = 1 / (1 + np.exp(-(a[:, None] + b[:, None] * d)))  # (R, n)
+        w = q * (1 - q)
+        g_a, g_b = (q - v).sum(1), ((q - v) * d).sum(1) + LC_RIDGE * b
+        h_aa, h_ab, h_bb = w.sum(1) + 1e-12, (w * d).sum(1), (w * d * d).sum(1) + LC_RIDGE
+        det = h_aa * h_bb - h_ab ** 2
+        step_a, step_b = (h_bb * g_a - h_ab * g_b) / det, (h_aa * g_b - h_ab * g_a) / det
+        a, b = np.clip(a - step_a, -30, 30), b - step_b  # |a| = 30: all wins or all losses
+        if max(np.abs(step_a).max(), np.abs(step_b).max()) < 1e-10:
+            break
+    return 1 / (1 + np.exp(-a))
+
+
 def aggregate(rows: list[dict], model: str, against: str) -> dict:
     """The result of an evaluation from its per-instruction rows (see `evaluate` for their keys)."""
     def side(key_rows, who):
@@ -77,9 +116,11 @@ def aggregate(rows: list[dict], model: str, against: str) -> dict:
     categories = {}
     for cat in sorted({r["category"] for r in rows}):
         in_cat = [r for r in rows if r["category"] == cat]
-        categories[cat or "uncategorized"] = win_rate_summary([r["p"] for r in in_cat])
+        categories[cat or "uncategorized"] = {**win_rate_summary([r["p"] for r in in_cat]),
+                                              "length_controlled": length_controlled(in_cat)}
     return {
         "model": model, "against": against, **win_rate_summary([r["p"] for r in rows]),
+        "length_controlled": length_controlled(rows),
         "ties": sum(r["p"] == 0.5 for r in rows),
         "judged": sum(r["judged"] for r in rows),  # the rest: format failures and identical responses
         "parse_rate": {model: model_parse, against: against_parse},
@@ -92,27 +133,27 @@ def aggregate(rows: list[dict], model: str, against: str) -> dict:
 # ---------------------------------------------------------------- the run directory
 
 def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed") -> dict:
-    """Sample, judge and score `model` (default: the last finished iteration) against `against`;
-    write RUN_DIR/eval/{model}-vs-{against}.json and .jsonl; return the result."""
+    """Sample, judge and score `model` (default: the last finished iteration) against `against` (seed,
+    iter-N, or another run's iteration folder); write RUN_DIR/eval/{model}-vs-{against}.json and .jsonl
+    (another run's model is labelled RUNNAME-iter-N); return the result. The judge is this run's."""
     run_dir = Path(run_dir)
     recipe = _read_recipe(run_dir)
     instructions = _held_out(run_dir)
-    model = model or _last_iteration(run_dir)
-    for name, flag in ((model, "--model"), (against, "--against")):
-        _check_model(run_dir, name, flag)
+    refs = [_model_ref(run_dir, recipe, instructions, name, flag)
+            for name, flag in ((model or _last_iteration(run_dir), "--model"), (against, "--against"))]
+    (model, *_), (against, *_) = refs
     if model == against:
         raise UserError(f"--model and --against are both {model!r}; compare two different models")
-    template = load_template(recipe.thought.template, recipe.thought.marker)
 
     # One policy in memory at a time: sample, then free it before the next model (and the judge) load.
-    outputs = {name: _sample_one(recipe, run_dir, name, instructions, template) for name in (model, against)}
-    ours, theirs = outputs[model], outputs[against]
+    # Each model samples with its own run's recipe: its template, sampling settings and seed.
+    ours, theirs = (_sample_one(ref_recipe, ref_dir, name, instructions) for _, ref_dir, name, ref_recipe in refs)
 
     # The judge only sees pairs of two different parsed responses. A format failure decides the rest,
     # and identical responses (common at low temperature or early on: both sample from the same seed)
     # tie exactly, where the judge's two orders would give 0.5 only up to rounding.
     both = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a.parsed and b.parsed and a.response != b.response]
-    judged = judge_pairs(recipe.judge, [instructions[i].text for i in both],
+    judged = compare(recipe.judge, [instructions[i].text for i in both],
                          [ours[i].response for i in both], [theirs[i].response for i in both]) if both else []
     ps = {i: float(p) for i, p in zip(both, judged)}
     rows = []
@@ -129,19 +170,6 @@ def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed
     return result
 
 
-def judge_pairs(cfg, instructions: list[str], ours: list[str], theirs: list[str]) -> list[float]:
-    """p = P(our response is better) per item, with whatever judge the recipe names."""
-    if cfg.type == "llama_cpp":
-        from minitpo.pairwise import compare
-
-        return compare(cfg, instructions, ours, theirs)
-    from minitpo.scores import pointwise_scorer
-
-    scored = pointwise_scorer(cfg)(cfg, instructions * 2, ours + theirs)
-    n = len(instructions)
-    return [0.5 + 0.5 * float(np.sign(a["score"] - b["score"])) for a, b in zip(scored[:n], scored[n:])]
-
-
 def summary_text(r: dict) -> str:
     """A few lines for the terminal."""
     m, a = r["model"], r["against"]
@@ -154,18 +182,23 @@ def summary_text(r: dict) -> str:
         f"  parse rate {m} {r['parse_rate'][m]:.2f} / {a} {r['parse_rate'][a]:.2f} | "
         f"response chars {m} {chars(r['response_chars'][m])} / {a} {chars(r['response_chars'][a])}",
     ]
+    lc = r.get("length_controlled")
+    if lc:
+        lines.insert(1, f"  length-controlled win rate {lc['win_rate']:.3f} (95% CI {lc['ci_low']:.3f}-"
+                        f"{lc['ci_high']:.3f}) over the {lc['n']} instructions where both responses parsed")
     for cat, c in r["categories"].items():
         lines.append(f"  {cat}: {c['win_rate']:.3f} ({c['ci_low']:.3f}-{c['ci_high']:.3f}), n {c['n']}")
     return "\n".join(lines)
 
 
-def _sample_one(recipe: Recipe, run_dir: Path, name: str, instructions, template):
-    """One output per instruction from model `name`, with the recipe's sampling and seed."""
+def _sample_one(recipe: Recipe, run_dir: Path, name: str, instructions):
+    """One output per instruction from model `name` of `run_dir`, with the recipe's template, sampling and seed."""
     from minitpo import engine
     from minitpo.model import load_policy
     from minitpo.sample import sample_candidates
 
-    adapter = None if name == "seed" else run_dir / name / "adapter"
+    template = load_template(recipe.thought.template, recipe.thought.marker)
+    adapter = None if name == "seed" else rundir.adapter_dir(run_dir, name)
     policy, tokenizer = load_policy(recipe.policy, adapter)
     policy.eval()
     candidates = sample_candidates(policy, tokenizer, instructions, template, recipe.sampling, k=1,
@@ -198,24 +231,39 @@ def _held_out(run_dir: Path) -> list[Instruction]:
     return [Instruction(id=r["id"], text=r["text"], category=r.get("category", "")) for r in rows]
 
 
-def _iterations(run_dir: Path) -> list[int]:
-    """Finished iterations (their summary.json is written last), in order."""
-    found = (re.fullmatch(r"iter-(\d+)", p.parent.name) for p in run_dir.glob("iter-*/summary.json"))
-    return sorted(int(m.group(1)) for m in found if m)
-
-
 def _last_iteration(run_dir: Path) -> str:
-    done = _iterations(run_dir)
+    done = rundir.finished_iterations(run_dir)
     if not done:
         raise UserError(f"RUN_DIR: {str(run_dir)!r} has no finished iteration; run `minitpo run` until one finishes")
-    return f"iter-{done[-1]}"
+    return rundir.iteration_name(done[-1])
+
+
+def _model_ref(run_dir: Path, recipe: Recipe, instructions, name: str, flag: str):
+    """(label, its run directory, "seed" or "iter-N", its run's recipe) for a model named on the command
+    line: seed, iter-N of this run, or the iteration folder of another run (e.g. ../demo-direct/iter-2),
+    which must have been held out the same instructions: a model trained on them would be tested on its
+    training data."""
+    if name == "seed" or rundir.iteration_number(name):
+        _check_model(run_dir, name, flag)
+        return name, run_dir, name, recipe
+    folder = Path(name) if Path(name).is_dir() else run_dir / name
+    if not folder.is_dir() or not rundir.iteration_number(folder.name):
+        raise UserError(f"{flag}: {name!r} is neither seed, iter-N, nor an iteration folder of a run "
+                        "(RUN_DIR/iter-N); name one of those")
+    other_dir, other = folder.resolve().parent, folder.name
+    other_recipe = _read_recipe(other_dir)
+    _check_model(other_dir, other, flag)
+    theirs = {r.text for r in _held_out(other_dir)}
+    if theirs != {i.text for i in instructions}:
+        raise UserError(f"{flag}: {name!r} comes from a run with other held-out instructions than {str(run_dir)!r} "
+                        "(its model may have trained on these); compare runs of the same data, data.seed and "
+                        "data.held_out")
+    return f"{other_dir.name}-{other}", other_dir, other, other_recipe
 
 
 def _check_model(run_dir: Path, name: str, flag: str) -> None:
     if name == "seed":
         return
-    if not re.fullmatch(r"iter-\d+", name):
-        raise UserError(f"{flag}: {name!r} is not a model name; use seed or iter-N (e.g. iter-1)")
-    if not (run_dir / name / "adapter" / "adapter_config.json").is_file():
-        done = ", ".join(f"iter-{t}" for t in _iterations(run_dir)) or "none yet"
+    if not rundir.has_adapter(rundir.adapter_dir(run_dir, name)):
+        done = ", ".join(map(rundir.iteration_name, rundir.finished_iterations(run_dir))) or "none yet"
         raise UserError(f"{flag}: {name!r} has no trained adapter in {run_dir}; finished iterations: {done}")

@@ -1,6 +1,6 @@
 """The run report: what happened over the iterations, as a Markdown table and plots.
 
-Consumes a run directory: `metrics.jsonl` (one summary per finished iteration, see loop.summarize),
+Consumes a run directory: `metrics.jsonl` (one summary per finished iteration, see minitpo.summary),
 `iter-N/train_log.jsonl` (one row per optimizer update) and, when an evaluation has been run,
 `eval/*.json` (win rates: {"against": "seed", "model": "iter-N", "win_rate", "ci_low", "ci_high"}).
 Produces `report.md` and PNG plots in `report/`, both rewritten on every call.
@@ -17,13 +17,13 @@ global state or open a window.
 
 import json
 import math
-import re
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from minitpo import io
+from minitpo import io, rundir
+from minitpo.summary import read_metrics
 from minitpo.errors import UserError
 
 # The per-iteration figures: (file, heading in report.md, figure title, panels). Each panel is
@@ -56,17 +56,20 @@ COLUMNS = [("iter", "iteration", "d"), ("parse rate", "parse_rate", ".2f"), ("ju
            ("thought chars", "thought_chars", ".0f"), ("response chars", "response_chars", ".0f"),
            ("pairs trained", "pairs_trained", "d"), ("DPO loss", "train_loss", ".3f"),
            ("reward acc", "reward_accuracy", ".2f"), ("margin", "reward_margin", ".3f"),
-           ("win rate vs seed", "win_rate", ".2f")]
+           ("win rate vs seed", "win_rate", ".2f"), ("length-controlled", "lc_win_rate", ".2f")]
 
 
 def write_report(run_dir: str | Path) -> Path:
     """Write `run_dir/report.md` and `run_dir/report/*.png`; return the path of report.md."""
     run_dir = Path(run_dir)
     rows = _finished_iterations(run_dir)
-    logs = {r["iteration"]: io.read_jsonl(run_dir / f"iter-{r['iteration']}" / "train_log.jsonl", missing_ok=True) for r in rows}
+    logs = {r["iteration"]: io.read_jsonl(rundir.iteration_dir(run_dir, r["iteration"]) / "train_log.jsonl", missing_ok=True)
+            for r in rows}
     evals, notes = _read_evals(run_dir / "eval")
     for r in rows:  # the win rate against the seed joins the iteration's row in the table
-        r["win_rate"] = next((e["win_rate"] for e in evals if e["against"] == "seed" and e["iteration"] == r["iteration"]), None)
+        seed_eval = next((e for e in evals if e["against"] == "seed" and e["iteration"] == r["iteration"]), {})
+        r["win_rate"] = seed_eval.get("win_rate")
+        r["lc_win_rate"] = (seed_eval.get("length_controlled") or {}).get("win_rate")
 
     figures = []  # (heading, file name) of the plots that had something to draw
 
@@ -90,15 +93,12 @@ def write_report(run_dir: str | Path) -> Path:
 def _finished_iterations(run_dir: Path) -> list[dict]:
     if not run_dir.is_dir():
         raise UserError(f"RUN_DIR: {str(run_dir)!r} is not a directory; give the run directory of `minitpo run`")
-    path = run_dir / "metrics.jsonl"
-    rows = io.read_jsonl(path, missing_ok=True)
+    rows = read_metrics(run_dir)
     if not rows:
         raise UserError(
             f"RUN_DIR: {str(run_dir)!r} has no finished iteration (metrics.jsonl is missing or empty); "
             "run `minitpo run RECIPE --out RUN_DIR` until at least one iteration finishes"
         )
-    for t, row in enumerate(rows, start=1):
-        row.setdefault("iteration", t)
     return rows
 
 
@@ -113,19 +113,12 @@ def _read_evals(eval_dir: Path) -> tuple[list[dict], list[str]]:
             notes.append(f"skipped eval/{path.name}: not readable JSON")
             continue
         for item in data if isinstance(data, list) else [data]:
-            iteration = _iteration_of(item.get("model")) if isinstance(item, dict) else None
+            iteration = rundir.iteration_number(item.get("model")) if isinstance(item, dict) else None
             if iteration is None or _number(item.get("win_rate")) is None:
                 notes.append(f"skipped a result in eval/{path.name}: needs \"model\": \"iter-N\" and a numeric \"win_rate\"")
                 continue
             results.append({**item, "against": str(item.get("against", "?")), "iteration": iteration})
     return results, notes
-
-
-def _iteration_of(model) -> int | None:
-    if model == "seed":
-        return 0
-    match = re.fullmatch(r"iter-(\d+)", str(model))
-    return int(match.group(1)) if match else None
 
 
 def _number(x) -> float | None:
@@ -197,7 +190,8 @@ def _plot_updates(path: Path, logs: dict[int, list[dict]]) -> bool:
 
 
 def _plot_win_rates(path: Path, evals: list[dict]) -> bool:
-    """Win rate of each iteration's model against each opponent, with its confidence interval."""
+    """Win rate of each iteration's model against each opponent, raw and length-controlled, with their
+    confidence intervals."""
     if not evals:
         return False
     fig = Figure(figsize=(6.4, 4.0), dpi=120)
@@ -208,6 +202,11 @@ def _plot_win_rates(path: Path, evals: list[dict]) -> bool:
         ys = [e["win_rate"] for e in results]
         yerr = list(zip(*(_ci_arms(e) for e in results)))  # (2, N): below, above
         ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=4, color=f"C{i}", label=f"against {against}")
+        lc = [(e["iteration"], e["length_controlled"]) for e in results if isinstance(e.get("length_controlled"), dict)]
+        if lc:  # the length-controlled rate beside it, shifted a little so both intervals show
+            ax.errorbar([x + 0.08 for x, _ in lc], [r["win_rate"] for _, r in lc],
+                        yerr=list(zip(*(_ci_arms(r) for _, r in lc))), marker="s", linestyle="--", capsize=3,
+                        color=f"C{i}", alpha=0.7, label=f"against {against}, length-controlled")
     ax.axhline(0.5, color="0.5", linestyle=":", linewidth=1, label="tie (0.5)")
     _iteration_axis(ax, [e["iteration"] for e in evals])
     seed_shown = any(e["iteration"] == 0 for e in evals)

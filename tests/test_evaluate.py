@@ -12,7 +12,8 @@ import yaml
 
 from conftest import ROOT
 from minitpo.errors import UserError
-from minitpo.evaluate import aggregate, bootstrap_interval, evaluate, verdict, win_rate_summary
+from minitpo.evaluate import aggregate, bootstrap_interval, evaluate, length_controlled, win_rate_summary
+from minitpo.judges import compare, verdict
 
 
 def minitpo(*args):
@@ -148,7 +149,7 @@ def test_report_plots_the_eval(evaluated):
 
 
 def test_eval_user_errors_through_the_cli(tiny_run):
-    for args, words in [(["--model", "iter-7"], "iter-7"), (["--against", "best"], "seed or iter-N"),
+    for args, words in [(["--model", "iter-7"], "iter-7"), (["--against", "best"], "is neither seed, iter-N"),
                         (["--model", "iter-1", "--against", "iter-1"], "two different models")]:
         result = minitpo("eval", tiny_run, *args)
         assert result.returncode == 2, result.stderr
@@ -185,11 +186,57 @@ def test_eval_with_a_pointwise_judge_lets_the_higher_score_win(tiny_run, tmp_pat
 
 
 def test_judge_pairs_with_a_pointwise_judge_by_hand(tmp_path):
-    """evaluate.judge_pairs with a python judge: p from the two scores, higher wins, a tie is 0.5."""
+    """judges.compare with a python judge: p from the two scores, higher wins, a tie is 0.5."""
     from minitpo.config import JudgeConfig
-    from minitpo.evaluate import judge_pairs
 
     (tmp_path / "len_judge.py").write_text("def score(instruction, response):\n    return len(response)\n")
     cfg = JudgeConfig(type="python", function=f"{tmp_path / 'len_judge.py'}:score")
-    ps = judge_pairs(cfg, ["q1", "q2", "q3"], ["long answer", "ab", "same"], ["short", "abcd", "four"])
+    ps = compare(cfg, ["q1", "q2", "q3"], ["long answer", "ab", "same"], ["short", "abcd", "four"])
     assert ps == [1.0, 0.0, 0.5]
+
+
+# ---------------------------------------------------------------- length control and other runs
+
+def _synthetic_rows(n, decide, seed=0):
+    """Rows whose model responses run ~60 characters longer on average; `decide(diff, rng)` -> p."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        a, b = int(rng.integers(50, 400)) + 60, int(rng.integers(50, 400))
+        rows.append({"model_parsed": True, "against_parsed": True, "model_response": "x" * a,
+                     "against_response": "x" * b, "p": decide(a - b, rng)})
+    return rows
+
+
+def test_length_controlled_rate_goes_to_half_when_length_alone_decides():
+    # the judge prefers the longer response, with noise: P(win) = sigmoid(diff / 50), nothing else counts
+    rows = _synthetic_rows(400, lambda d, rng: float(rng.random() < 1 / (1 + np.exp(-d / 50))))
+    raw = np.mean([r["p"] for r in rows])
+    lc = length_controlled(rows)
+    assert raw > 0.6 and lc["ci_low"] < 0.5 < lc["ci_high"] and abs(lc["win_rate"] - 0.5) < 0.05, (raw, lc)
+
+
+def test_length_controlled_rate_stays_when_quality_alone_decides():
+    rows = _synthetic_rows(400, lambda d, rng: float(rng.random() < 0.7))  # wins 70%, whatever the lengths
+    raw = np.mean([r["p"] for r in rows])
+    lc = length_controlled(rows)
+    assert abs(lc["win_rate"] - raw) < 0.03 and lc["ci_low"] > 0.6, (raw, lc)
+    failed = [{**r, "against_parsed": False} for r in rows[:1]]
+    assert length_controlled(failed) is None  # no pair of parsed responses: nothing to regress
+
+
+def test_eval_against_another_runs_iteration(tiny_run, tmp_path):
+    """The same model in a copy of the run: every response identical, so every instruction ties."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other)
+    result = minitpo("eval", tiny_run, "--against", other / "iter-1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads((tiny_run / "eval" / "iter-1-vs-other-iter-1.json").read_text())
+    assert r["against"] == "other-iter-1" and r["win_rate"] == 0.5 and r["judged"] == 0 and r["ties"] == r["n"]
+
+    held = other / "held_out.jsonl"
+    held.write_text(held.read_text().splitlines()[0] + "\n")
+    refused = minitpo("eval", tiny_run, "--against", other / "iter-1")
+    assert refused.returncode == 2 and "other held-out instructions" in refused.stderr, refused.stderr
