@@ -1,8 +1,17 @@
-"""The run directory's single writer: a lock held for the whole of `minitpo run`.
+"""The run directory's layout and its single writer. Every other module asks here what an iteration
+is called, whether it finished and where its adapter is.
 
-Consumes a run directory path; provides `lock(out)` (a context manager that refuses, in one line, a
-directory another process holds), `clear(out)` (what --fresh does, under that lock) and the removal of
-temporary files a killed process left behind.
+Layout: RUN_DIR/iter-N/ per iteration (N from 1); an iteration is finished when its summary.json
+exists (written last); its model is the adapter in iter-N/adapter/ (adapter_config.json marks it
+complete); "seed" names the base model, iteration 0. RUN_DIR/metrics.jsonl repeats the finished
+summaries in order (minitpo.summary owns what a summary holds).
+
+`resolve_adapter(path)` turns an iteration folder or a bare peft adapter folder into the settings to
+load and prompt its model (for chat and export).
+
+The writer: `lock(out)` is held for the whole of `minitpo run` and refuses, in one line, a directory
+another process holds; `clear(out)` is what --fresh does, under that lock; `remove_stale_temps(out)`
+removes the temporary files a killed process left behind.
 
 The lock is `flock` on RUN_DIR/.lock: the kernel releases it when the holding process exits, however it
 exits (SIGKILL included), so a killed run never leaves it stuck; the file itself staying behind means
@@ -11,13 +20,116 @@ nothing. The holder's pid is written into it, for the message a second run print
 
 import fcntl
 import os
+import re
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+from minitpo.config import PolicyConfig, SamplingConfig
 from minitpo.errors import UserError
+from minitpo.io import read_json
+from minitpo.prompts import Template, load_template
 
 LOCK = ".lock"
+SUMMARY = "summary.json"  # in iter-N/, written last: the iteration is finished
+METRICS = "metrics.jsonl"  # in RUN_DIR/: the finished summaries, in order
+ADAPTER = "adapter"  # in iter-N/: the LoRA adapter of model N
+_ITERATION = re.compile(r"iter-(\d+)")
+
+
+def iteration_name(t: int) -> str:
+    return f"iter-{t}"
+
+
+def iteration_dir(out: Path, t: int) -> Path:
+    return Path(out) / iteration_name(t)
+
+
+def iteration_number(name) -> int | None:
+    """N for "iter-N", 0 for "seed" (the base model), None for anything else."""
+    if name == "seed":
+        return 0
+    match = _ITERATION.fullmatch(str(name))
+    return int(match.group(1)) if match else None
+
+
+def finished_iterations(out: Path) -> list[int]:
+    """The iterations whose summary.json exists, in order."""
+    found = (iteration_number(p.parent.name) for p in Path(out).glob(f"iter-*/{SUMMARY}"))
+    return sorted(t for t in found if t)
+
+
+def adapter_dir(out: Path, name: str) -> Path:
+    """The adapter folder of model `name` ("iter-N") in run directory `out`."""
+    return Path(out) / name / ADAPTER
+
+
+def has_adapter(folder: Path) -> bool:
+    """A complete peft adapter folder (it is written as a whole, adapter_config.json included)."""
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+@dataclass(frozen=True)
+class Resolved:
+    policy: PolicyConfig
+    adapter_dir: Path
+    template: Template
+    system_prompt: bool  # the thought instructions go in the system prompt (recipe's thought.system_prompt)
+    sampling: SamplingConfig  # the recipe's, or the defaults for a bare adapter
+
+
+def resolve_adapter(path: str | Path, template: str | None = None) -> Resolved:
+    """The settings to load and prompt the model of PATH. `template` (a named template) overrides the
+    recipe's. An adapter folder inside a run (`RUN_DIR/iter-N/adapter`) reads the run's recipe too."""
+    path = Path(path)
+    if has_adapter(path):
+        adapter = path
+        recipe_path = path.parent.parent / "recipe.yaml" if path.name == ADAPTER else None
+    elif has_adapter(path / ADAPTER):
+        adapter, recipe_path = path / ADAPTER, path.parent / "recipe.yaml"
+        if not recipe_path.is_file():
+            raise UserError(
+                f"PATH: {str(path)!r} looks like an iteration folder but {str(recipe_path)!r} does not exist; "
+                f"give the adapter folder {str(adapter)!r} instead (its base model is read from adapter_config.json)"
+            )
+    else:
+        raise UserError(_not_an_adapter(path))
+
+    if recipe_path is not None and recipe_path.is_file():
+        from minitpo.recipe import load_recipe  # recipe.py imports the judges; keep this module light
+
+        recipe = load_recipe(recipe_path, check_files=False)  # the run wrote absolute paths into it
+        thought = recipe.thought
+        return Resolved(policy=recipe.policy, adapter_dir=adapter,
+                        template=load_template(template or thought.template, thought.marker),
+                        system_prompt=thought.system_prompt, sampling=recipe.sampling)
+
+    config = read_json(adapter / "adapter_config.json")
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(
+            f"PATH: {str(adapter / 'adapter_config.json')!r} names no base_model_name_or_path; "
+            "add the base model's folder or Hub id there, or give the adapter's iteration folder (RUN_DIR/iter-N)"
+        )
+    # A bare adapter carries no recipe: load its base in full precision, the portable choice.
+    return Resolved(policy=PolicyConfig(model=base, quantization="none"), adapter_dir=adapter,
+                    template=load_template(template or "generic"), system_prompt=False, sampling=SamplingConfig())
+
+
+def _not_an_adapter(path: Path) -> str:
+    if not path.exists():
+        return f"PATH: {str(path)!r} does not exist; give an iteration folder (RUN_DIR/iter-N) or an adapter folder"
+    trained = [t for t in finished_iterations(path)
+               if has_adapter(adapter_dir(path, iteration_name(t)))]
+    if (path / "recipe.yaml").is_file() and trained:
+        return (f"PATH: {str(path)!r} is a run directory; give one of its iterations, "
+                f"e.g. {str(iteration_dir(path, trained[-1]))!r}")
+    if iteration_number(path.name):
+        return (f"PATH: {str(path)!r} has no adapter/adapter_config.json: this iteration has not finished "
+                "training; run `minitpo run` again to finish it, or give an earlier iteration")
+    return (f"PATH: {str(path)!r} holds no adapter_config.json; give an iteration folder (RUN_DIR/iter-N) "
+            "or a peft adapter folder")
 
 
 @contextmanager

@@ -13,7 +13,8 @@ import yaml
 from conftest import ROOT, TINY
 from minitpo.recipe import load_recipe, recipe_to_dict
 from minitpo.errors import UserError
-from minitpo.export import Reply, format_reply, resolve_adapter
+from minitpo.chat import Reply, format_reply
+from minitpo.rundir import resolve_adapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

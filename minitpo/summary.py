@@ -1,0 +1,91 @@
+"""The iteration summary: what `iter-N/summary.json` and each line of `metrics.jsonl` hold.
+
+loop.py writes it (`summarize`, `write_summary`) when an iteration finishes; report.py reads it
+(`read_metrics`); tests/test_summary.py checks that every key the report draws or tabulates is one
+this module writes. Consumes an iteration's stage files as plain rows; produces a flat dict of numbers.
+"""
+
+import statistics
+from pathlib import Path
+
+from minitpo import io, rundir
+from minitpo.verifiable import pass_counts
+
+
+def write_summary(out: Path, t: int, summary: dict) -> None:
+    """iter-t/summary.json (marks the iteration finished), then metrics.jsonl with every finished one."""
+    io.write_json(rundir.iteration_dir(out, t) / rundir.SUMMARY, summary)
+    io.write_jsonl(Path(out) / rundir.METRICS,
+                   [io.read_json(rundir.iteration_dir(out, s) / rundir.SUMMARY) for s in rundir.finished_iterations(out)])
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The finished iterations' summaries, in order (none when metrics.jsonl is missing)."""
+    rows = io.read_jsonl(Path(out) / rundir.METRICS, missing_ok=True)
+    for t, row in enumerate(rows, start=1):
+        row.setdefault("iteration", t)
+    return rows
+
+
+def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, judge_stats, times,
+              marker: str | None = None) -> dict:
+    """The iteration's numbers from its stages' files (candidates, scores, pairs, the train log and
+    summary, the judge's stats, the stage times). None where there is nothing to average."""
+    parsed = [c for c in candidates if c.parsed]
+    met, total = map(sum, zip(*(pass_counts(c.instruction, c.response) for c in parsed))) if parsed else (0, 0)
+    by_key = {(c.instruction_id, c.index): c for c in candidates}
+    raw = {(s["instruction_id"], s["index"]): s["score"] for s in scores}
+    trained = [r for r in pair_rows if not r["skipped"]]
+    last_epoch = [r for r in log_rows if r["epoch"] == (train_summary.get("epochs") or [{}])[-1].get("epoch")]
+
+    def mean(xs):
+        xs = list(xs)
+        return round(statistics.fmean(xs), 4) if xs else None
+
+    return {
+        "iteration": t,
+        "instructions": len({c.instruction_id for c in candidates}),
+        "candidates": len(candidates),
+        "parse_rate": mean(c.parsed for c in candidates),
+        "truncated_rate": mean(c.truncated for c in candidates),
+        # sampling.force_marker: how often the model wrote the marker itself, and how often it was appended
+        "marker_rate": mean(not c.forced and marker in c.text for c in candidates) if marker else None,
+        "forced_rate": mean(c.forced for c in candidates),
+        # verifiable instructions (minitpo/verifiable.py): the share of their constraints met, strictly
+        "constraint_pass_rate": round(met / total, 4) if total else None,
+        "judge_score": mean(s["score"] for s in scores),
+        "thought_chars": mean(len(c.thought) for c in parsed),
+        "response_chars": mean(len(c.response) for c in parsed),
+        "rho": scores[0]["rho"] if scores else None,
+        "pairs": len(pair_rows),
+        "pairs_trained": len(trained),
+        "pairs_skipped_too_long": len(pair_rows) - len(trained),
+        "pairs_prompt_truncated": sum(r["prompt_truncated"] for r in pair_rows),
+        "rejected_parse_failures": sum(not r["rejected_parsed"] for r in pair_rows),
+        "chosen_score": mean(raw[(r["instruction_id"], r["chosen_index"])] for r in pair_rows),
+        "rejected_score": mean(raw[(r["instruction_id"], r["rejected_index"])] for r in pair_rows if r["rejected_parsed"]),
+        # over pairs whose rejected side parsed (a failure has no response): what rho: auto compares
+        "chosen_response_chars": mean(len(by_key[(r["instruction_id"], r["chosen_index"])].response)
+                                      for r in pair_rows if r["rejected_parsed"]),
+        "rejected_response_chars": mean(len(by_key[(r["instruction_id"], r["rejected_index"])].response)
+                                        for r in pair_rows if r["rejected_parsed"]),
+        "train_loss": mean(r["loss"] for r in last_epoch),
+        "reward_accuracy": mean(r["reward_accuracy"] for r in last_epoch),
+        "reward_margin": mean(r["margin"] for r in last_epoch),
+        "best_epoch": train_summary.get("best_epoch"),
+        "position_consistency": judge_stats.get("position_consistency"),
+        "judge_verdict_mass": judge_stats.get("verdict_mass"),
+        # judge prompts over judge.n_ctx, whose response was cut to fit (pairwise: pairs of responses)
+        "judge_prompts_cut": judge_stats.get("responses_cut", judge_stats.get("pairs_cut")),
+        "stage_wall_s": times,
+    }
+
+
+def summary_line(s: dict) -> str:
+    """The iteration's line on the console."""
+    def f(x, spec):
+        return "-" if x is None else format(x, spec)
+    return (f"iter {s['iteration']}: parse {f(s['parse_rate'], '.2f')} | score {f(s['judge_score'], '.2f')} | "
+            f"pairs {s['pairs_trained']}/{s['instructions']} | thought {f(s['thought_chars'], '.0f')} "
+            f"resp {f(s['response_chars'], '.0f')} chars | loss {f(s['train_loss'], '.3f')} "
+            f"acc {f(s['reward_accuracy'], '.2f')} | {sum(v for v in s['stage_wall_s'].values() if v):.1f} s")

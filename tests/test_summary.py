@@ -1,0 +1,96 @@
+"""minitpo/summary.py and the layout half of minitpo/rundir.py: the summary the loop writes is the one
+the report reads, its numbers from a hand-built iteration, and iteration names, finished iterations
+and adapters as every command sees them."""
+
+import pytest
+
+from minitpo import report, rundir
+from minitpo.sample import Candidate
+from minitpo.summary import read_metrics, summarize, write_summary
+
+MARKER = "Here is my response:"
+
+
+def _iteration():
+    """Two instructions x 2 candidates: one forced, one natural marker, one failure."""
+    def cand(i, k, response, parsed=True, forced=False, truncated=False):
+        text = f"thinking {MARKER} {response}" if parsed else "rambling on"
+        return Candidate(instruction_id=i, instruction="Say hi. Write your whole answer in lowercase letters only, with no capital letters." if i == 0 else "Say bye.",
+                         prompt="p", index=k, text=text, thought="thinking" if parsed else "",
+                         response=response if parsed else "", parsed=parsed, n_tokens=10,
+                         truncated=truncated, forced=forced)
+    candidates = [cand(0, 0, "hi there", forced=True), cand(0, 1, "HI THERE"),
+                  cand(1, 0, "bye now"), cand(1, 1, "", parsed=False, truncated=True)]
+    scores = [{"instruction_id": 0, "index": 0, "score": 9.0, "rho": 0.0, "final": 9.0},
+              {"instruction_id": 0, "index": 1, "score": 3.0, "rho": 0.0, "final": 3.0},
+              {"instruction_id": 1, "index": 0, "score": 6.0, "rho": 0.0, "final": 6.0}]
+    pairs = [{"instruction_id": 0, "chosen_index": 0, "rejected_index": 1, "rejected_parsed": True,
+              "skipped": False, "prompt_truncated": False},
+             {"instruction_id": 1, "chosen_index": 0, "rejected_index": 1, "rejected_parsed": False,
+              "skipped": False, "prompt_truncated": False}]
+    logs = [{"epoch": 1, "loss": 0.7, "reward_accuracy": 0.5, "margin": 0.1},
+            {"epoch": 2, "loss": 0.5, "reward_accuracy": 1.0, "margin": 0.3}]
+    train = {"epochs": [{"epoch": 1}, {"epoch": 2}], "best_epoch": 2}
+    return candidates, scores, pairs, logs, train, {"verdict_mass": 0.8, "responses_cut": 1}, {"sample": 1.5}
+
+
+def test_summary_numbers_from_a_hand_built_iteration():
+    s = summarize(1, *_iteration(), marker=MARKER)
+    assert s["parse_rate"] == 0.75 and s["truncated_rate"] == 0.25 and s["forced_rate"] == 0.25
+    assert s["marker_rate"] == 0.5  # two unforced outputs wrote the marker; the failure did not
+    assert s["judge_score"] == 6.0 and s["chosen_score"] == 7.5 and s["rejected_score"] == 3.0
+    assert s["constraint_pass_rate"] == 0.5  # instruction 0's lowercase constraint: met once, failed once
+    assert s["train_loss"] == 0.5 and s["reward_accuracy"] == 1.0  # the last epoch only
+    assert s["pairs_trained"] == 2 and s["rejected_parse_failures"] == 1 and s["judge_prompts_cut"] == 1
+
+
+def test_every_key_the_report_reads_is_one_the_summary_writes():
+    written = set(summarize(1, *_iteration(), marker=MARKER))
+    drawn = {key for _, _, _, panels in report.ITERATION_FIGURES for _, _, lines, _ in panels for key, _, _ in lines}
+    tabulated = {key for _, key, _ in report.COLUMNS} - {"win_rate", "lc_win_rate"}  # these join from eval/
+    assert drawn | tabulated <= written, sorted((drawn | tabulated) - written)
+
+
+def test_write_summary_marks_finished_and_read_metrics_returns_them_in_order(tmp_path):
+    s1, s2 = (summarize(t, *_iteration(), marker=MARKER) for t in (1, 2))
+    write_summary(tmp_path, 2, s2)  # iteration 2 may finish before a resumed 1 is rewritten: order by number
+    write_summary(tmp_path, 1, s1)
+    assert rundir.finished_iterations(tmp_path) == [1, 2]
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert read_metrics(tmp_path / "none") == []
+
+
+def test_iteration_names_and_adapters(tmp_path):
+    assert rundir.iteration_name(3) == "iter-3" and rundir.iteration_number("iter-3") == 3
+    assert rundir.iteration_number("seed") == 0
+    for name in ("iter-x", "iter-", "iteration-2", "iter-2b", None):
+        assert rundir.iteration_number(name) is None
+    (tmp_path / "iter-1" / "adapter").mkdir(parents=True)
+    assert not rundir.has_adapter(rundir.adapter_dir(tmp_path, "iter-1"))  # a folder without its config
+    (tmp_path / "iter-1" / "adapter" / "adapter_config.json").write_text("{}")
+    assert rundir.has_adapter(rundir.adapter_dir(tmp_path, "iter-1"))
+    (tmp_path / "iter-10").mkdir()
+    (tmp_path / "iter-10" / "summary.json").write_text("{}")
+    (tmp_path / "iter-x").mkdir()
+    (tmp_path / "iter-x" / "summary.json").write_text("{}")
+    assert rundir.finished_iterations(tmp_path) == [10]  # iter-1 has not finished; iter-x is no iteration
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_lock_refuses_a_second_holder_and_clear_keeps_it(tmp_path, fresh):
+    from minitpo.errors import UserError
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "old.txt").write_text("x")
+    (tmp_path / "run" / ".candidates.jsonl.abc.tmp").write_text("half")
+    with rundir.lock(tmp_path / "run"):
+        with pytest.raises(UserError, match=r"is in use by another minitpo run \(pid \d+\)"):
+            with rundir.lock(tmp_path / "run"):  # a second open file description: flock refuses it too
+                pass
+        assert rundir.remove_stale_temps(tmp_path / "run") == 1
+        if fresh:
+            rundir.clear(tmp_path / "run")
+        left = sorted(p.name for p in (tmp_path / "run").iterdir())
+        assert left == ([".lock"] if fresh else [".lock", "old.txt"])
+    with rundir.lock(tmp_path / "run"):  # released on exit
+        pass
