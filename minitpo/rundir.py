@@ -120,8 +120,7 @@ def resolve_adapter(path: str | Path, template: str | None = None) -> Resolved:
 def _not_an_adapter(path: Path) -> str:
     if not path.exists():
         return f"PATH: {str(path)!r} does not exist; give an iteration folder (RUN_DIR/iter-N) or an adapter folder"
-    trained = [t for t in finished_iterations(path)
-               if has_adapter(adapter_dir(path, iteration_name(t)))]
+    trained = sorted(t for p in path.glob("iter-*") if (t := iteration_number(p.name)) and has_adapter(p / ADAPTER))
     if (path / "recipe.yaml").is_file() and trained:
         return (f"PATH: {str(path)!r} is a run directory; give one of its iterations, "
                 f"e.g. {str(iteration_dir(path, trained[-1]))!r}")

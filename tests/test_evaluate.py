@@ -76,7 +76,8 @@ def test_aggregate_splits_by_category_and_reports_both_models():
     assert set(cats) == {"story", "explain", "uncategorized"}
     assert cats["story"]["n"] == 3 and cats["story"]["win_rate"] == pytest.approx(2.5 / 3)
     assert cats["explain"]["win_rate"] == 0.0 and cats["explain"]["ci_high"] == 0.0
-    assert cats["uncategorized"] == {"n": 1, "win_rate": 1.0, "ci_low": 1.0, "ci_high": 1.0, "mean_p": 0.7}
+    assert cats["uncategorized"] == {"n": 1, "win_rate": 1.0, "ci_low": 1.0, "ci_high": 1.0, "mean_p": 0.7,
+                                     "length_controlled": None}  # one instruction: nothing to regress
     for c in cats.values():
         assert 0 <= c["ci_low"] <= c["win_rate"] <= c["ci_high"] <= 1
 

@@ -98,8 +98,10 @@ def test_eval_results_become_a_win_rate_plot_and_a_column(tmp_path):
     run = write_run(tmp_path / "run", [summary(t) for t in (1, 2)], {t: train_log(4) for t in (1, 2)})
     (run / "eval").mkdir()
     for t, (rate, low, high) in {1: (0.55, 0.45, 0.65), 2: (0.62, 0.52, 0.71)}.items():
+        lc = {"win_rate": 0.57, "ci_low": 0.45, "ci_high": 0.69, "n": 90} if t == 2 else None
         (run / "eval" / f"iter-{t}-vs-seed.json").write_text(json.dumps(
-            {"against": "seed", "model": f"iter-{t}", "win_rate": rate, "ci_low": low, "ci_high": high, "n": 100}))
+            {"against": "seed", "model": f"iter-{t}", "win_rate": rate, "ci_low": low, "ci_high": high, "n": 100,
+             "length_controlled": lc}))
     (run / "eval" / "iter-2-vs-iter-1.json").write_text(json.dumps(
         [{"against": "iter-1", "model": "iter-2", "win_rate": 0.58, "ci_low": None, "ci_high": None}]))
     (run / "eval" / "broken.json").write_text("{not json")
@@ -108,8 +110,9 @@ def test_eval_results_become_a_win_rate_plot_and_a_column(tmp_path):
     text = write_report(run).read_text()
     assert_png(run / "report" / "win_rate.png")
     assert "](report/win_rate.png)" in text
-    row2 = next(line for line in text.splitlines() if line.startswith("| 2 |"))
-    assert row2.endswith(" 0.62 |")  # the win rate against the seed joins the table
+    row1, row2 = (next(line for line in text.splitlines() if line.startswith(f"| {t} |")) for t in (1, 2))
+    assert row2.endswith(" 0.62 | 0.57 |")  # the win rates against the seed, raw and length-controlled, join the table
+    assert row1.endswith(" 0.55 | - |")  # an evaluation without a length-controlled rate leaves a gap
     assert "skipped eval/broken.json" in text and "skipped a result in eval/other.json" in text
 
 
