@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, TINY
 from minitpo.config import JudgeConfig
 from minitpo.evaluate import bootstrap_interval
-from minitpo.judges.check import KINDS, REFUSALS, at_chance, check_judge, load_preference_set, sanity_items
+from minitpo.judges.check import KINDS, REFUSALS, at_chance, check_judge, load_preference_set, sanity_items, summary_text
 from minitpo.errors import UserError
 
 LENGTH_JUDGE = "def score(instruction, response):\n    return len(response)\n"
@@ -86,6 +86,8 @@ def test_gguf_judges_report_verdict_mass_and_consistency(mode):
     assert result["n"] == 12 and 0 < result["verdict_mass"] < 1  # a random tiny judge: some mass, not all
     if mode == "pairwise":
         assert 0 <= result["position_consistency"] <= 1 and result["position_consistency"] is not None
+        biased = "it judges by position" in summary_text(result)
+        assert biased == (result["position_consistency"] < 0.5)
     assert at_chance(result) == (result["ci_low"] <= 0.5)
 
 

@@ -155,6 +155,9 @@ def summary_text(result: dict) -> str:
             lines.append(f"  {key.replace('_', ' ')}: {result[key]:.3f}")
     if at_chance(result):
         lines.append(warning(result))
+    if result.get("position_consistency") is not None and result["position_consistency"] < 0.5:
+        lines.append(f"warning: the pairwise judge picks the same winner in both orders only "
+                     f"{result['position_consistency']:.2f} of the time: it judges by position, not by content")
     return "\n".join(lines)
 
 
