@@ -138,6 +138,9 @@ def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed
     (another run's model is labelled RUNNAME-iter-N); return the result. The judge is this run's."""
     run_dir = Path(run_dir)
     recipe = _read_recipe(run_dir)
+    judge = recipe.judge  # this run's judge decides; the other run's (with --against OTHER/iter-N) is not used
+    if judge.type == "llama_cpp" and not Path(judge.model).is_file():
+        raise UserError(f"judge.model: {judge.model!r} does not exist; put the GGUF judge back or fix recipe.yaml")
     instructions = _held_out(run_dir)
     refs = [_model_ref(run_dir, recipe, instructions, name, flag)
             for name, flag in ((model or _last_iteration(run_dir), "--model"), (against, "--against"))]
@@ -154,7 +157,7 @@ def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed
     # tie exactly, where the judge's two orders would give 0.5 only up to rounding.
     both = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a.parsed and b.parsed and a.response != b.response]
     judged = compare(recipe.judge, [instructions[i].text for i in both],
-                         [ours[i].response for i in both], [theirs[i].response for i in both]) if both else []
+                     [ours[i].response for i in both], [theirs[i].response for i in both]) if both else []
     ps = {i: float(p) for i, p in zip(both, judged)}
     rows = []
     for i, (ins, a, b) in enumerate(zip(instructions, ours, theirs)):
@@ -215,11 +218,7 @@ def _read_recipe(run_dir: Path) -> Recipe:
     if not (run_dir / "recipe.yaml").is_file():
         what = "does not exist" if not run_dir.exists() else "holds no recipe.yaml"
         raise UserError(f"RUN_DIR: {str(run_dir)!r} {what}; give a run directory written by `minitpo run`")
-    recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)  # the run wrote absolute paths
-    judge = recipe.judge
-    if judge.type == "llama_cpp" and not Path(judge.model).is_file():
-        raise UserError(f"judge.model: {judge.model!r} does not exist; put the GGUF judge back or fix recipe.yaml")
-    return recipe
+    return load_recipe(run_dir / "recipe.yaml", check_files=False)  # the run wrote absolute paths
 
 
 def _held_out(run_dir: Path) -> list[Instruction]:

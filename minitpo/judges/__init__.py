@@ -51,6 +51,11 @@ def verdict(p: float) -> float:
     return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
 
 
+def preference(score_a: float, score_b: float) -> float:
+    """p = P(a better) from two pointwise scores: 1 when a scores higher, 0.5 on a tie, 0 below."""
+    return 0.5 + 0.5 * ((score_a > score_b) - (score_a < score_b))
+
+
 def pointwise_scorer(cfg):
     """f(cfg, instructions, responses, progress=True) -> [{"score": float, "score_mass": float or None}]
     for every judge that scores one response at a time (all but the pairwise GGUF judge)."""
@@ -74,7 +79,7 @@ def compare(cfg, instructions: list[str], ours: list[str], theirs: list[str]) ->
         return compare_pairwise(cfg, instructions, ours, theirs)
     scored = pointwise_scorer(cfg)(cfg, instructions * 2, ours + theirs)
     n = len(instructions)
-    return [0.5 + 0.5 * ((a["score"] > b["score"]) - (a["score"] < b["score"])) for a, b in zip(scored[:n], scored[n:])]
+    return [preference(a["score"], b["score"]) for a, b in zip(scored[:n], scored[n:])]
 
 
 def _score_pairwise(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from minitpo.errors import UserError
 from minitpo.evaluate import bootstrap_interval
-from minitpo.judges import pointwise_scorer, verdict
+from minitpo.judges import pointwise_scorer, preference, verdict
 
 SANITY_SET = Path(__file__).with_name("sanity.jsonl")
 KINDS = ("off_topic", "truncated", "refusal", "factual_error")
@@ -102,7 +102,7 @@ def check_judge(cfg, items: list[Item], progress: bool = True) -> dict:
         texts = list(dict.fromkeys((it.prompt, r) for it in items for r in (it.chosen, it.rejected)))
         results = pointwise_scorer(cfg)(cfg, [p for p, _ in texts], [r for _, r in texts], progress)
         score = {t: r["score"] for t, r in zip(texts, results)}
-        ps = [0.5 + 0.5 * _sign(score[(it.prompt, it.chosen)] - score[(it.prompt, it.rejected)]) for it in items]
+        ps = [preference(score[(it.prompt, it.chosen)], score[(it.prompt, it.rejected)]) for it in items]
         masses = [r["score_mass"] for r in results if r.get("score_mass") is not None]
         stats["verdict_mass"] = statistics.fmean(masses) if masses else None
         judged = len(texts)
@@ -114,24 +114,14 @@ def check_judge(cfg, items: list[Item], progress: bool = True) -> dict:
 
 
 def _pairwise(cfg, items, progress):
-    from tqdm import tqdm
+    from minitpo.judges.pairwise import both_orders
 
-    from minitpo.judges.pairwise import pairwise_verdicts
-
-    # item i as (chosen, rejected) then (rejected, chosen): consecutive prompts share the instruction
-    firsts = [x for it in items for x in (it.chosen, it.rejected)]
-    seconds = [x for it in items for x in (it.rejected, it.chosen)]
     masses = []
-    with tqdm(total=len(firsts), desc="judge-check", unit="pair", disable=not progress) as bar:
-        p = pairwise_verdicts(cfg, [it.prompt for it in items for _ in range(2)], firsts, seconds,
-                              bar=bar, masses=masses)
-    consistent = [verdict(p[2 * i]) == 1.0 - verdict(p[2 * i + 1]) for i in range(len(items))]
-    ps = [(p[2 * i] + 1.0 - p[2 * i + 1]) / 2 for i in range(len(items))]
+    p = both_orders(cfg, [it.prompt for it in items], [it.chosen for it in items], [it.rejected for it in items],
+                    progress, desc="judge-check", masses=masses)
+    consistent = [verdict(p_ab) == 1.0 - verdict(p_ba) for p_ab, p_ba in p]  # the same winner in both orders
+    ps = [(p_ab + 1.0 - p_ba) / 2 for p_ab, p_ba in p]  # as pairwise.compare
     return ps, {"verdict_mass": statistics.fmean(masses), "position_consistency": statistics.fmean(consistent)}
-
-
-def _sign(x: float) -> float:
-    return 1.0 if x > 0 else -1.0 if x < 0 else 0.0
 
 
 def _accuracy(ps: list[float]) -> dict:

@@ -151,22 +151,28 @@ def judge_pairwise(cfg, groups: list[tuple[str, list[str]]], progress: bool = Tr
     return scores, stats
 
 
-def compare(cfg, instructions: list[str], responses_a: list[str], responses_b: list[str],
-            progress: bool = True) -> list[float]:
-    """P(A better than B) per item, averaged over both orders: (p_ab + (1 - p_ba)) / 2, which cancels
-    the judge's position bias to first order. One Llama load, 2 forward passes per item."""
+def both_orders(cfg, instructions: list[str], responses_a: list[str], responses_b: list[str],
+                progress: bool = True, desc: str = "compare", masses: list | None = None) -> list[tuple[float, float]]:
+    """(P(A better | A first), P(B better | B first)) per item: one Llama load, 2 forward passes per
+    item. `masses` receives each pass's verdict mass, as in pairwise_verdicts."""
     assert len(instructions) == len(responses_a) == len(responses_b), "inputs differ in length"
     if not instructions:
         return []
-    n = len(instructions)
     # item i as (a, b) then (b, a): consecutive prompts share the instruction prefix
     firsts = [x for a, b in zip(responses_a, responses_b) for x in (a, b)]
     seconds = [x for a, b in zip(responses_a, responses_b) for x in (b, a)]
     doubled = [x for x in instructions for _ in range(2)]
-    with tqdm(total=2 * n, desc="compare", unit="pair", disable=not progress) as bar:
+    with tqdm(total=len(firsts), desc=desc, unit="pair", disable=not progress) as bar:
         with open_llama_judge(cfg) as llm:
-            p = pairwise_verdicts(llm, doubled, firsts, seconds, reuse_prefix=True, bar=bar)
-    return [(p[2 * i] + 1.0 - p[2 * i + 1]) / 2 for i in range(n)]
+            p = pairwise_verdicts(llm, doubled, firsts, seconds, reuse_prefix=True, bar=bar, masses=masses)
+    return list(zip(p[0::2], p[1::2]))
+
+
+def compare(cfg, instructions: list[str], responses_a: list[str], responses_b: list[str],
+            progress: bool = True) -> list[float]:
+    """P(A better than B) per item, averaged over both orders: (p_ab + (1 - p_ba)) / 2, which cancels
+    the judge's position bias to first order."""
+    return [(p_ab + 1.0 - p_ba) / 2 for p_ab, p_ba in both_orders(cfg, instructions, responses_a, responses_b, progress)]
 
 
 def bradley_terry(wins, prior: float = 0.5, max_iter: int = 10_000, tol: float = 1e-10) -> list[float]:
@@ -181,7 +187,6 @@ def bradley_terry(wins, prior: float = 0.5, max_iter: int = 10_000, tol: float =
 
     Example: wins [[0, 3], [1, 0]] gives B = [[0, 3.5], [1.5, 0]]; at the optimum
     sigmoid(e_0 - e_1) = 3.5 / 5, so e_0 - e_1 = log(7/3) and e = [0.4236, -0.4236]."""
-    import numpy as np
 
     b = np.asarray(wins, dtype=np.float64)
     k = len(b)
