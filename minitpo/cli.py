@@ -115,12 +115,27 @@ def chat(path, prompt, show_thought, max_new_tokens, temperature, template):
 @cli.command()
 @click.argument("path", type=click.Path())
 @click.argument("out", type=click.Path())
-def export(path, out):
+@click.option("--gguf", "gguf", is_flag=True, help="Write OUT as one GGUF file of the merged model, for llama.cpp.")
+@click.option("--gguf-lora", "gguf_lora", is_flag=True,
+              help="Write OUT as a GGUF of the adapter alone (llama.cpp: -m BASE.gguf --lora OUT).")
+@click.option("--type", "qtype", type=click.Choice(["f16", "q8_0", "f32"]), default=None,
+              help="Tensor type of the --gguf file (default f16).")
+def export(path, out, gguf, gguf_lora, qtype):
     """Merge the adapter of PATH (RUN_DIR/iter-N or an adapter folder) into its full-precision base
-    model and save it with its tokenizer into OUT, a new folder that transformers loads without peft."""
-    from minitpo.export import export_merged
+    model and save it with its tokenizer into OUT, a new folder that transformers loads without peft.
+    With --gguf, OUT is one GGUF file for llama.cpp instead; with --gguf-lora, the adapter alone."""
+    from minitpo.export import export_gguf, export_merged
 
-    click.echo(f"exported: {export_merged(path, out)}")
+    if gguf and gguf_lora:
+        raise UserError("export: --gguf and --gguf-lora write different files; pass one of them")
+    if qtype is not None and not gguf:
+        raise UserError(f"export: --type {qtype} is the tensor type of a --gguf file; add --gguf or drop --type")
+    if gguf or gguf_lora:
+        written = export_gguf(path, out, qtype or "f16", lora=gguf_lora)
+        size = written.stat().st_size / 2**20
+        click.echo(f"exported: {written} ({size:.1f} MiB)")
+    else:
+        click.echo(f"exported: {export_merged(path, out)}")
 
 
 def main():

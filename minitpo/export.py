@@ -1,8 +1,11 @@
 """`minitpo export`: a trained adapter merged into its base model, for use outside minitpo.
 
 Consumes a PATH that is either an iteration folder (RUN_DIR/iter-N) or a bare peft adapter folder,
-resolved by minitpo.rundir.resolve_adapter. Produces a plain transformers model folder (base + LoRA
-merged, full precision, with the tokenizer) that `AutoModelForCausalLM.from_pretrained` loads without peft.
+resolved by minitpo.rundir.resolve_adapter. Produces one of:
+  export_merged     a plain transformers model folder (base + LoRA merged, full precision, with the
+                    tokenizer) that `AutoModelForCausalLM.from_pretrained` loads without peft;
+  export_gguf       one GGUF file of the merged model, or of the adapter alone (lora=True), for
+                    llama.cpp and the tools built on it (the format itself: minitpo.gguf_export).
 """
 
 import dataclasses
@@ -11,7 +14,7 @@ from pathlib import Path
 import torch
 
 from minitpo.errors import UserError
-from minitpo.io import write_dir
+from minitpo.io import write_dir, write_file
 from minitpo.model import load_policy
 from minitpo.rundir import resolve_adapter
 
@@ -35,6 +38,32 @@ def export_merged(path: str | Path, out: str | Path) -> Path:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     write_dir(out, fill)
+    return out
+
+
+def export_gguf(path: str | Path, out: str | Path, qtype: str = "f16", lora: bool = False) -> Path:
+    """Write OUT, a GGUF file: the merged model in `qtype` (f16, q8_0, f32), or with `lora` the adapter
+    alone in llama.cpp's LoRA format; either carries the run's thought template (gguf_export.thought_metadata). The architecture and OUT are checked before any weight loads; a
+    merged file whose tokenizer llama.cpp reads differently is refused, and OUT is left unwritten."""
+    from minitpo import gguf_export
+
+    out = Path(out)
+    gguf_export.check_out(out)
+    resolved = resolve_adapter(path)
+    arch = gguf_export.architecture(resolved.policy.model)
+    policy = dataclasses.replace(resolved.policy, quantization="none", dtype="float32")
+    model, tokenizer = load_policy(policy, resolved.adapter_dir, device="cpu")
+    extra = gguf_export.thought_metadata(resolved.template)
+    if lora:
+        write_file(out, lambda tmp: gguf_export.write_lora_gguf(model, tmp, arch, extra))
+        return out
+    merged = model.merge_and_unload(safe_merge=True).eval()
+    source = policy.model if policy.model.endswith(".gguf") else None
+
+    def fill(tmp: Path):
+        gguf_export.write_model_gguf(merged, tokenizer, tmp, arch, qtype, source, extra)
+        gguf_export.check_tokenizer(tmp, tokenizer)
+    write_file(out, fill)
     return out
 
 

@@ -12,20 +12,26 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def write_text(path: str | Path, text: str) -> None:
+def write_file(path: str | Path, fill) -> None:
+    """Write one file atomically: `fill(tmp_path)` writes a temporary sibling, which is fsynced and
+    renamed into place. For files another library writes (a GGUF)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        fill(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -6,7 +6,8 @@ Consumes: an instruction (str) and a `ThoughtConfig`. Produces: the prompt text 
 
 The generic and specific templates are quoted from Wu et al. 2024, "Thinking LLMs: General
 Instruction Following with Thought Generation" (arXiv 2410.10630); the specific one is the version
-used by public reproductions. `direct` is the paper's direct-response baseline: no thought at all.
+used by public reproductions. `think` is the generic one with <think>...</think> delimiters (ours).
+`direct` is the paper's direct-response baseline: no thought at all.
 """
 
 from dataclasses import dataclass
@@ -46,9 +47,23 @@ SPECIFIC = Template(
     marker="<R>",
 )
 
+# Not from the paper: the generic prompt with the delimiters of today's reasoning models, so that a
+# trained model writes its thought the way llama.cpp-based tools (and their users) expect.
+THINK = Template(
+    name="think",
+    text=(
+        "Respond to the following user query in a comprehensive and detailed way. You can write down "
+        "your thought process before responding. Write your thoughts between <think> and </think>, and "
+        "write your response after </think>.\n\n"
+        "User query: {instruction}"
+    ),
+    marker="</think>",
+    thought_prefix="<think>",
+)
+
 DIRECT = Template(name="direct", text="{instruction}", marker=None)
 
-TEMPLATES = {t.name: t for t in (GENERIC, SPECIFIC, DIRECT)}
+TEMPLATES = {t.name: t for t in (GENERIC, SPECIFIC, THINK, DIRECT)}
 
 
 def load_template(name_or_path: str, marker: str | None = None) -> Template:

@@ -107,6 +107,21 @@ def test_format_reply_shows_the_response_the_thought_on_request_and_raw_text_on_
     assert format_reply(cut, session, True).splitlines()[0].startswith("(note: the output hit the 7-token limit")
 
 
+def test_chat_hides_a_think_thought():
+    from types import SimpleNamespace
+
+    from minitpo.prompts import THINK, split_output
+
+    session = SimpleNamespace(template=THINK, sampling=SimpleNamespace(max_new_tokens=7))
+    text = "<think>\nThe user wants a color.\n</think>\n\nBlue."
+    thought, response = split_output(text, THINK)
+    r = Reply(text=text, thought=thought, response=response, parsed=True, truncated=False)
+    assert format_reply(r, session, show_thought=False) == "Blue."
+    assert format_reply(r, session, show_thought=True) == "[thought]\nThe user wants a color.\n\n[response]\nBlue."
+    broken = Reply(text="<think>never closed", thought="", response="", parsed=False, truncated=False)
+    assert "at the marker '</think>'" in format_reply(broken, session, False)
+
+
 SHORT = ("--max-new-tokens", "48")  # a bare adapter samples with SamplingConfig's 1024-token budget
 
 

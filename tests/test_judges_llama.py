@@ -295,7 +295,7 @@ print(json.dumps(out))
 def test_quantized_gguf_scores_through_the_judge(tmp_path, ftype):
     """A GGUF quantized here, at test time, scored through minitpo's judge with its default settings.
     Quantized weights are what llama.cpp repacks for the CPU (AMX on Sapphire Rapids and later, where
-    repacking crashed the first eval: see judge._no_weight_repacking); the F32 fixtures never take that
+    repacking crashed the first eval: see judge.no_weight_repacking); the F32 fixtures never take that
     path. 256-wide rows, so Q4_K_M gets real K-quant blocks instead of falling back to Q5_0/Q8_0. The
     scoring runs in a child process, so a crash is this test failing with its signal, not the suite
     dying."""

@@ -3,7 +3,7 @@
 import pytest
 
 from minitpo.errors import UserError
-from minitpo.prompts import DIRECT, GENERIC, SPECIFIC, build_messages, build_prompt, load_template, split_output
+from minitpo.prompts import DIRECT, GENERIC, SPECIFIC, THINK, build_messages, build_prompt, load_template, split_output
 
 
 def test_generic_split_strips_the_thought_prefix():
@@ -41,6 +41,31 @@ def test_response_never_contains_marker_or_thought():
 
 def test_empty_thought_is_allowed_for_generic():
     assert split_output("Here is my response: just this", GENERIC) == ("", "just this")
+
+
+@pytest.mark.parametrize("text, split", [
+    ("<think>plan it</think>The answer.", ("plan it", "The answer.")),
+    ("<think>\nplan it\n</think>\n\nThe answer.\n", ("plan it", "The answer.")),  # newlines around both parts
+    ("plan it</think>The answer.", ("plan it", "The answer.")),  # no opening tag (a pre-filled <think>)
+    ("</think>The answer.", ("", "The answer.")),                # an empty thought is allowed
+    ("<think></think> The answer.", ("", "The answer.")),
+    ("<think>a < b, so </think>a is smaller", ("a < b, so", "a is smaller")),  # other angle brackets are text
+    ("<think>plan it</think>", None),                            # no response
+    ("<think>plan it</think>  \n", None),                       # a blank response
+    ("<think>plan it", None),                                    # the thought never closed
+    ("The answer.", None),                                       # no thought format at all
+    ("<think>a</think>b</think>c", None),                        # two closing tags: which part is shown?
+    ("</think>b<think>c", None),                                 # a thought after the response
+    ("<think>a</think>b <think>c</think> d", None),
+])
+def test_think_split(text, split):
+    assert split_output(text, THINK) == split
+
+
+def test_think_template_names_both_tags():
+    assert "<think>" in THINK.text and "</think>" in THINK.text and THINK.marker == "</think>"
+    system, user = build_messages(THINK, "Name a color.", system_prompt=True)
+    assert "</think>" in system["content"] and user["content"] == "Name a color."
 
 
 def test_direct_template_has_no_thought():

@@ -12,11 +12,12 @@ memory lives outside PyTorch, nothing frees it but an explicit close, and traini
 """
 
 import ctypes
+import io
 import os
 import re
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from datetime import datetime
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def open_llama_judge(cfg):
     from llama_cpp import Llama  # optional dependency: only the llama_cpp judge needs it
 
     try:
-        with _quiet_stderr(), _no_weight_repacking():
+        with quiet_stderr(), no_weight_repacking():
             # n_batch <= 512 is a multiple of KEEP_ALIGN, or it is n_ctx and holds any prompt in one batch
             llm = Llama(model_path=str(path), n_ctx=cfg.n_ctx, n_batch=min(512, cfg.n_ctx or 512),
                         n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads, logits_all=False,
@@ -166,7 +167,7 @@ def open_llama_judge(cfg):
 
 
 @contextmanager
-def _no_weight_repacking():
+def no_weight_repacking():
     """Load GGUF weights as stored: `use_extra_bufts = False` in llama_model_params (llama.cpp's
     `--no-repack`).
 
@@ -198,15 +199,17 @@ def _no_weight_repacking():
 
 
 @contextmanager
-def _quiet_stderr():
-    """fd 2 to /dev/null: verbose=False is not enough, llama-cpp-python 0.3.36 maps ggml's WARN level to
-    logging.ERROR, so context-creation warnings (gemma-3: "using full-size SWA cache") still print."""
+def quiet_stderr():
+    """fd 2 to /dev/null, and sys.stderr too: verbose=False is not enough, llama-cpp-python 0.3.36 maps
+    ggml's WARN level to logging.ERROR, so context-creation warnings (gemma-3: "using full-size SWA
+    cache") still print, from C (fd 2) or through its Python log callback (sys.stderr)."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
-        yield
+        with redirect_stderr(io.StringIO()):
+            yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
