@@ -14,3 +14,18 @@ def tiny_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(TINY / "policy")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_in_tmp(tmp_path_factory):
+    """GGUF policies are converted into MINITPO_CACHE (default ~/.cache/minitpo): keep the suite's
+    conversions out of the user's home."""
+    import os
+
+    old = os.environ.get("MINITPO_CACHE")
+    os.environ["MINITPO_CACHE"] = str(tmp_path_factory.mktemp("minitpo_cache"))
+    yield
+    if old is None:
+        del os.environ["MINITPO_CACHE"]
+    else:
+        os.environ["MINITPO_CACHE"] = old
