@@ -66,7 +66,7 @@ def main():
         line = f"{kind:<7} eos={eos[0]:<3} stopped {stops:>2}/{len(prompts)}:"
         for name, flags in variants.items():
             got = generate_tokens(model, prompts, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
-                                  eos_token_ids=eos, pad_token_id=PAD, batch_size=len(prompts), seed=0, **flags)
+                                  eos_token_ids=eos, pad_token_id=PAD, batch_size=len(prompts), seeds=[0] * len(prompts), **flags)
             release()
             same = sum(a == b for a, b in zip(got, expected))
             tokens = sum(len(a) for a, _ in expected)

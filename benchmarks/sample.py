@@ -128,7 +128,7 @@ def main():
 
     def engine():
         out = generate_tokens(model, prompts.tolist(), max_new_tokens=args.new_tokens, temperature=0.8, top_p=0.95,
-                              eos_token_ids=[], pad_token_id=0, batch_size=args.batch, seed=0,
+                              eos_token_ids=[], pad_token_id=0, batch_size=args.batch, seeds=list(range(len(prompts))),
                               cuda_graphs=not args.no_compile, compile=not (args.no_compile or args.graphs_only))
         assert all(len(toks) == args.new_tokens and not stopped for toks, stopped in out)
 

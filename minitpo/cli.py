@@ -1,6 +1,7 @@
 """The `minitpo` command line. Each command is a thin shell over one module; user mistakes
 (`UserError`) print as one line and exit with status 2, without a traceback."""
 
+import os
 import sys
 
 import click
@@ -139,13 +140,18 @@ def export(path, out, gguf, gguf_lora, qtype):
 
 
 def main():
+    first = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone speaks for the run
+    if not first:
+        os.environ["TQDM_DISABLE"] = "1"  # before tqdm is imported: bars given no `disable` stay quiet
     try:
         cli.main(prog_name="minitpo", standalone_mode=False)
     except UserError as e:
-        click.echo(f"error: {e}", err=True)
+        if first:
+            click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C: what finished is on disk
-        click.echo("interrupted; run the same command again to resume from the last finished stage", err=True)
+        if first:
+            click.echo("interrupted; run the same command again to resume from the last finished stage", err=True)
         sys.exit(130)
     except click.UsageError as e:  # a bad option or argument: one line, as for UserError
         command = e.ctx.command_path if e.ctx else "minitpo"

@@ -29,8 +29,9 @@ prompts of 128 tokens, 256 new tokens, T 0.8, top-p 0.95; benchmarks/sample.py):
    run unchanged, so architectures that take a prepared 4-D mask work (tested: Llama, Qwen2, Gemma3
    with its sliding-window layers). Sampling (sort + 2 cumsums over the vocab) is 1.5 ms of a step.
 Distribution: temperature, then top-p exactly as HF's TopPLogitsWarper (no top-k: pass top_k=0 to
-generate to compare), then one draw by inverse CDF from a uniform per row made outside the graph by
-the `seed`ed generator.
+generate to compare), then one draw by inverse CDF. Each prompt brings its own seed, and the uniform
+for its n-th token is the n-th of that seed's stream (`uniform_table`), read inside the graph: which
+slot, batch or process draws a sequence never changes its tokens.
 """
 
 import gc
@@ -89,7 +90,7 @@ class _Slots:
     n_gen: torch.Tensor  # (B,) tokens written to `out`
     active: torch.Tensor  # (B,) bool
     eos_hit: torch.Tensor  # (B,) bool
-    u: torch.Tensor  # (B,) fp32 uniforms for this step's draw
+    uniforms: torch.Tensor  # (B, max_new) fp32: column n is the draw of the slot's n-th new token
     out: torch.Tensor  # (B, max_new) new tokens
     eos_ids: torch.Tensor  # (E,)
 
@@ -186,7 +187,8 @@ def _build(model, n_slots, n_cols, max_new, temperature, top_p, eos_ids, pad_id,
         if base.config._attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"sampling in place needs sdpa or eager attention, not {lm.config._attn_implementation}")
     z = lambda dtype=torch.long: torch.zeros(n_slots, dtype=dtype, device=device)  # noqa: E731
-    slots = _Slots(z(), z(), z(), z(), z(torch.bool), z(torch.bool), z(torch.float),
+    slots = _Slots(z(), z(), z(), z(), z(torch.bool), z(torch.bool),
+                   torch.zeros(n_slots, max_new, dtype=torch.float, device=device),
                    torch.zeros(n_slots, max_new, dtype=torch.long, device=device),
                    torch.tensor(eos_ids, dtype=torch.long, device=device))
     cfg = lm.config.get_text_config()
@@ -254,10 +256,10 @@ def _decode_step(e):
     dist = s.cur[:, None] - cols  # (B, C) query position - key position
     valid = (cols >= s.start[:, None]) & (dist >= 0)  # an idle slot still sees its own column
     logits = e.forward(e, s.tokens[:, None], (s.cur - s.start)[:, None], valid[:, None, None], dist[:, None, None])
-    nxt = sample_next(logits, e.temperature, e.top_p, s.u)  # (B,)
+    col = s.n_gen.clamp(max=s.out.shape[1] - 1)[:, None]  # (B, 1): the index of the token drawn now
+    nxt = sample_next(logits, e.temperature, e.top_p, s.uniforms.gather(1, col).squeeze(1))  # (B,)
     is_eos = (nxt[:, None] == s.eos_ids).any(-1) & s.active
     keep = s.active & ~is_eos
-    col = s.n_gen.clamp(max=s.out.shape[1] - 1)[:, None]  # (B, 1)
     s.out.scatter_(1, col, torch.where(keep[:, None], nxt[:, None], s.out.gather(1, col)))
     s.n_gen.add_(keep.long())
     s.eos_hit.logical_or_(is_eos)
@@ -266,10 +268,10 @@ def _decode_step(e):
     s.tokens.copy_(torch.where(s.active, nxt, s.tokens))
 
 
-def _prefill(e, rows, prompts):
+def _prefill(e, rows, prompts, uniforms):
     """Write all but the last token of each prompt into the cache rows, left-padded to one width;
     the last prompt token becomes the slot's next input, so the first new token is drawn by the
-    decode step like every other."""
+    decode step like every other. uniforms: (n, max_new), the prompts' draws."""
     s, dev = e.slots, e.slots.cur.device
     width = max(len(p) for p in prompts) - 1
     start = torch.tensor([width - len(p) + 1 for p in prompts], device=dev)  # (n,)
@@ -287,6 +289,7 @@ def _prefill(e, rows, prompts):
             _logits(e, ids.to(dev), (cols - start[:, None]).clamp(min=0), valid[:, None], dist)
         finally:
             e.cache.rows = None
+    s.uniforms.index_copy_(0, rows_t, uniforms.to(dev))
     s.start.index_copy_(0, rows_t, start)
     s.cur.index_fill_(0, rows_t, width)
     s.tokens.index_copy_(0, rows_t, torch.tensor([p[-1] for p in prompts], device=dev))
@@ -325,14 +328,23 @@ def release():
         torch.cuda.empty_cache()
 
 
+def uniform_table(seeds: list[int], n: int) -> torch.Tensor:
+    """(len(seeds), n) fp32 uniforms in [0, 1): row i is the first n draws of seed i's own generator,
+    so a sequence's draws depend on its seed alone."""
+    return torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(s)) for s in seeds]) \
+        if seeds else torch.zeros(0, n)
+
+
 @torch.no_grad()
 def generate_tokens(model, prompt_ids, *, max_new_tokens, temperature, top_p, eos_token_ids, pad_token_id,
-                    batch_size, seed, progress=None, cuda_graphs=True, compile=False):
-    """For each prompt: (new token ids without EOS, stopped at EOS?). batch_size is the most slots
-    decoded at once (fewer if the KV cache wouldn't fit); progress(n) is told of n finished prompts.
-    cuda_graphs / compile (CUDA only) are there to switch the fast paths off when they misbehave."""
+                    batch_size, seeds, progress=None, cuda_graphs=True, compile=False):
+    """For each prompt: (new token ids without EOS, stopped at EOS?). seeds: one per prompt, its draws
+    (uniform_table). batch_size is the most slots decoded at once (fewer if the KV cache wouldn't
+    fit); progress(n) is told of n finished prompts. cuda_graphs / compile (CUDA only) are there to
+    switch the fast paths off when they misbehave."""
     assert max_new_tokens >= 1 and batch_size >= 1, "max_new_tokens and batch_size must be >= 1"
     assert all(map(len, prompt_ids)), "every prompt needs at least one token"
+    assert len(seeds) == len(prompt_ids), "one seed per prompt"
     if not prompt_ids:
         return []
     n_cols = -(-(max(map(len, prompt_ids)) + max_new_tokens) // 64) * 64  # rounded: reuse across calls
@@ -341,14 +353,14 @@ def generate_tokens(model, prompt_ids, *, max_new_tokens, temperature, top_p, eo
     was_training = e.lm.training
     e.lm.eval()  # sampling in place must not run LoRA dropout
     try:
-        return _run(e, prompt_ids, max_new_tokens, seed, progress)
+        return _run(e, prompt_ids, max_new_tokens, seeds, progress)
     finally:
         e.lm.train(was_training)
 
 
-def _run(e, prompt_ids, max_new, seed, progress):
+def _run(e, prompt_ids, max_new, seeds, progress):
     s, n_slots = e.slots, e.slots.cur.shape[0]
-    gen = torch.Generator(s.u.device).manual_seed(seed)
+    table = uniform_table(seeds, max_new) if e.temperature > 0 else torch.zeros(len(prompt_ids), max_new)
     queue = deque(sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i])))  # longest first
     owner, left = [-1] * n_slots, [0] * n_slots  # prompt in each slot; decode steps it may still need
     results = [None] * len(prompt_ids)
@@ -360,7 +372,7 @@ def _run(e, prompt_ids, max_new, seed, progress):
             while take:  # blocks of <= PREFILL_TOKENS, the longest prompt first sets the width
                 n = max(1, min(len(take), PREFILL_TOKENS // len(prompt_ids[take[0]])))
                 group, take, rows, free = take[:n], take[n:], free[:n], free[n:]
-                _prefill(e, rows, [prompt_ids[i] for i in group])
+                _prefill(e, rows, [prompt_ids[i] for i in group], table[group])
                 for b, i in zip(rows, group):
                     owner[b], left[b] = i, max_new
         busy = [b for b in range(n_slots) if owner[b] >= 0]
@@ -368,8 +380,6 @@ def _run(e, prompt_ids, max_new, seed, progress):
             return results
         steps = min(SYNC_EVERY, max(left[b] for b in busy))
         for _ in range(steps):
-            if e.temperature > 0:
-                s.u.uniform_(generator=gen)
             e.graph.replay() if e.graph is not None else _decode_step(e)
         for b in busy:
             left[b] -= steps

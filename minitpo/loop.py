@@ -14,18 +14,24 @@ killed run resumes from the last finished stage. The run directory is the source
   iter-N/train_log.jsonl   train    one line per optimizer update
   iter-N/train_summary.json train   epochs, best epoch (written last: marks training done)
   iter-N/summary.json      the iteration's numbers (written last: marks the iteration done)
+
+Under torchrun (minitpo/dist.py) every rank runs this same code: each samples, judges and scores
+reference log-probs for its share, rank 0 writes every file above from the gathered results (so the
+directory is a one-process run's), and training sums the gradients over the ranks (minitpo/train.py).
+Whether a stage is done is rank 0's reading of the same files, told to every rank.
 """
 
 import dataclasses
 import gc
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
 import torch
 import yaml
 
-from minitpo import engine, io, rundir
+from minitpo import dist, engine, io, rundir
 from minitpo.config import Recipe
 from minitpo.recipe import recipe_to_dict
 from minitpo.data import Instruction, load_instructions, split_instructions
@@ -35,50 +41,49 @@ from minitpo.model import enable_checkpointing, load_policy, pick_device, save_a
 from minitpo.pairs import Pair, auto_rho, build_pairs, control_length
 from minitpo.prompts import load_template
 from minitpo.sample import Candidate, eos_token_ids, sample_candidates
-from minitpo.judges import score_candidates
+from minitpo.judges import merge_caches, merge_stats, rank_cache, score_candidates
 from minitpo.summary import summarize, summary_line, write_summary
 from minitpo.train import reference_logps, tokenize_pairs, train_adapter
 
 
 def run(recipe: Recipe, fresh: bool = False) -> Path:
     """Run (or resume) every iteration of `recipe` in `recipe.out`; return the run directory."""
+    dist.init()
     out = Path(recipe.out)
     template = load_template(recipe.thought.template, recipe.thought.marker)
     data = recipe.data
     held_out, slices = split_instructions(  # fails on a bad or short file before anything is written
         load_instructions(data.instructions), data.per_iteration, data.held_out, recipe.iterations, data.seed
     )
-    with rundir.lock(out):  # one writer: a second run on this directory stops here, in one line
-        if fresh:
-            rundir.clear(out)
-        rundir.remove_stale_temps(out)  # left by a killed run's unfinished writes
-        _claim_run_dir(out, recipe)
-        if recipe.judge.type == "llama_cpp" and recipe.judge.mode == "pointwise" and not (out / "judge_prompt.txt").exists():
-            io.write_text(out / "judge_prompt.txt", load_prompt_template(recipe.judge.prompt))  # what the judge saw
-        if not (out / "held_out.jsonl").exists():
-            io.write_jsonl(out / "held_out.jsonl", [dataclasses.asdict(i) for i in held_out])
-
-        if recipe.judge.check:  # is the judge worth the hours? once per run directory, before sampling
-            from minitpo.judges.check import at_chance, check_judge, sanity_items, warning
-
-            path = out / "judge_check.json"
-            if not path.exists():
-                io.write_json(path, check_judge(recipe.judge, sanity_items()))
-            checked = io.read_json(path)
-            click.echo(f"judge-check: accuracy {checked['accuracy']:.3f} (95% CI {checked['ci_low']:.3f}-"
-                       f"{checked['ci_high']:.3f}) over {checked['n']} items")
-            if at_chance(checked):
-                click.echo(warning(checked), err=True)
+    with ExitStack() as held:
+        def setup():
+            held.enter_context(rundir.lock(out))  # one writer: a second run on this directory stops here
+            if fresh:
+                rundir.clear(out)
+            rundir.remove_stale_temps(out)  # left by a killed run's unfinished writes
+            _claim_run_dir(out, recipe)
+            if recipe.judge.type == "llama_cpp" and recipe.judge.mode == "pointwise" and not (out / "judge_prompt.txt").exists():
+                io.write_text(out / "judge_prompt.txt", load_prompt_template(recipe.judge.prompt))  # what the judge saw
+            if not (out / "held_out.jsonl").exists():
+                io.write_jsonl(out / "held_out.jsonl", [dataclasses.asdict(i) for i in held_out])
+            if recipe.judge.check:  # is the judge worth the hours? once per run directory, before sampling
+                _judge_check(out, recipe)
+        dist.on_main(setup)  # rank 0 alone holds the lock and writes; a refusal stops every rank
 
         policy = Policy(recipe, out)
         for t, instructions in enumerate(slices, start=1):
             it = rundir.iteration_dir(out, t)
-            if (it / rundir.SUMMARY).exists():
+            if dist.broadcast((it / rundir.SUMMARY).exists()):
                 continue
             summary = run_iteration(t, it, instructions, template, recipe, policy)
-            write_summary(out, t, summary)
-            click.echo(summary_line(summary))
+            if dist.is_main():
+                write_summary(out, t, summary)
+                click.echo(summary_line(summary))
+            dist.barrier()
 
+        if not dist.is_main():
+            dist.close()
+            return out
         click.echo(f"iterations done: {out}")
         if recipe.evaluate:  # the last iteration against the seed, once: a rerun reads the saved result
             from minitpo.evaluate import evaluate, summary_text
@@ -86,29 +91,52 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
             del policy
             saved = out / "eval" / f"{rundir.iteration_name(len(slices))}-vs-seed.json"
             click.echo(summary_text(io.read_json(saved) if saved.exists() else evaluate(out)))
+    dist.close()
     return out
+
+
+def _judge_check(out: Path, recipe: Recipe) -> None:
+    from minitpo.judges.check import at_chance, check_judge, sanity_items, warning
+
+    path = out / "judge_check.json"
+    if not path.exists():
+        io.write_json(path, check_judge(recipe.judge, sanity_items()))
+    checked = io.read_json(path)
+    click.echo(f"judge-check: accuracy {checked['accuracy']:.3f} (95% CI {checked['ci_low']:.3f}-"
+               f"{checked['ci_high']:.3f}) over {checked['n']} items")
+    if at_chance(checked):
+        click.echo(warning(checked), err=True)
 
 
 def run_iteration(t: int, it: Path, instructions: list[Instruction], template, recipe: Recipe, policy) -> dict:
     times = io.read_json(it / "stages.json") if (it / "stages.json").exists() else {}
+    main = dist.is_main()
 
     def stage(name, path, work):
-        """Run `work()` unless its output file exists; record its wall time."""
-        if not Path(path).exists():
+        """Run `work()` unless its output file exists; record its wall time and the processes it ran on."""
+        if not dist.broadcast(Path(path).exists()):
             t0 = time.perf_counter()
-            work()
+            work()  # every rank; rank 0 writes `path`
+            dist.barrier()
             times[name] = round(time.perf_counter() - t0, 2)
-            io.write_json(it / "stages.json", times)
+            times["world_size"] = dist.world_size()
         elif name not in times:  # killed between writing the output and its time: the time is lost
             times[name] = None
+        else:
+            return
+        if main:
             io.write_json(it / "stages.json", times)
 
     # 1-3. Sample K thought+response candidates per fresh instruction from M_{t-1}; split them.
     def sample():
         model, tokenizer = policy.at(t - 1)
-        candidates = sample_candidates(model, tokenizer, instructions, template, recipe.sampling,
-                                       seed=recipe.sampling.seed + t, system_prompt=recipe.thought.system_prompt)
-        io.write_jsonl(it / "candidates.jsonl", [dataclasses.asdict(c) for c in candidates])
+        mine = dist.shard(instructions)
+        candidates = sample_candidates(model, tokenizer, mine, template, recipe.sampling, seed=recipe.sampling.seed + t,
+                                       system_prompt=recipe.thought.system_prompt, progress=main)
+        k = recipe.sampling.k
+        groups = dist.gather([candidates[i * k:(i + 1) * k] for i in range(len(mine))])  # per instruction
+        if main:
+            io.write_jsonl(it / "candidates.jsonl", [dataclasses.asdict(c) for g in groups for c in g])
         engine.release()  # the sampling copy, KV cache and CUDA graph go before the judge loads
     stage("sample", it / "candidates.jsonl", sample)
     candidates = [Candidate(**row) for row in io.read_jsonl(it / "candidates.jsonl")]
@@ -117,9 +145,19 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     def judge():
         policy.free_cache()
         parsed = [c for c in candidates if c.parsed]
-        raw_scores, stats = score_candidates(recipe.judge, parsed, it / "judge_cache.jsonl")
+        by_instruction: dict[int, list] = {}  # a rank judges whole instructions (pairwise needs the group)
+        for c in parsed:
+            by_instruction.setdefault(c.instruction_id, []).append(c)
+        mine = [c for group in dist.shard(list(by_instruction.values())) for c in group]
+        cache = rank_cache(it / "judge_cache.jsonl", dist.rank())
+        mine_scores, mine_stats = score_candidates(recipe.judge, mine, cache, progress=main)
+        scored = dist.gather([list(zip(mine, mine_scores))])
+        stats = merge_stats(dist.gather([mine_stats]))
+        if not main:
+            return
+        merge_caches(it / "judge_cache.jsonl")
         io.write_json(it / "judge_stats.json", stats)
-        raw = {(c.instruction_id, c.index): s for c, s in zip(parsed, raw_scores)}
+        raw = {(c.instruction_id, c.index): s for part in scored for c, s in part}
         rho = auto_rho(candidates, raw) if recipe.judge.rho == "auto" else recipe.judge.rho
         final = control_length(candidates, raw, rho)
         io.write_jsonl(it / "scores.jsonl", [
@@ -138,7 +176,10 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
         pairs = build_pairs(candidates, raw, final)
         examples, truncated = tokenize_pairs(tokenizer, pairs, recipe.train.max_length, policy.eos_id)
         kept = [e for e in examples if e is not None]
-        refs = iter(reference_logps(model, kept, tokenizer.pad_token_id, recipe.train, policy.device))
+        refs = dist.gather(reference_logps(model, dist.shard(kept), tokenizer.pad_token_id, recipe.train, policy.device))
+        if not main:
+            return
+        refs = iter(refs)
         rows = []
         for p, e, cut in zip(pairs, examples, truncated):
             ref = next(refs) if e is not None else (None, None)
@@ -158,14 +199,18 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
         log_rows = []
         result = train_adapter(model, examples, refs, tokenizer.pad_token_id, recipe.train, policy.device,
                                log=log_rows.append) if examples else {"updates": 0, "epochs": [], "best_epoch": None}
-        save_adapter(model, it / "adapter")
-        io.write_jsonl(it / "train_log.jsonl", log_rows)
-        io.write_json(it / "train_summary.json", result)
-        policy.trained = t
+        policy.trained = t  # on every rank: the gradients were summed, so every rank holds M_t
+        if main:
+            save_adapter(model, it / "adapter")
+            io.write_jsonl(it / "train_log.jsonl", log_rows)
+            io.write_json(it / "train_summary.json", result)
     stage("train", it / "train_summary.json", train)
 
+    if not main:
+        return {}
+    stage_times = {k: v for k, v in times.items() if k != "world_size"}
     return summarize(t, candidates, scores, pair_rows, io.read_jsonl(it / "train_log.jsonl"),
-                     io.read_json(it / "train_summary.json"), io.read_json(it / "judge_stats.json"), times,
+                     io.read_json(it / "train_summary.json"), io.read_json(it / "judge_stats.json"), stage_times,
                      marker=template.marker)
 
 

@@ -12,8 +12,12 @@ budget (as s1's budget forcing ends a thought, Muennighoff et al. 2025). The new
 is measured: SmolLM2 ended its turn right after a bare marker more often (benchmarks/RESULTS.md). Such a candidate is `forced`; DPO then trains on the whole text, marker
 included, so the model can learn to write the marker itself, and the loop records how often it did
 (the natural marker rate).
+
+Every candidate samples from its own seed (`candidate_seed`: the run's seed, the instruction's id, the
+candidate's index), so the batch, the engine's slot or the process that draws it never changes it.
 """
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +51,13 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+def candidate_seed(seed: int, instruction_id: int, index: int, part: int = 0) -> int:
+    """The sampling seed of one candidate's part (0: the output, or its thought when the marker is
+    forced; 1: the forced response): a function of these numbers alone, 63 bits of their hash."""
+    digest = hashlib.sha256(f"{seed}:{instruction_id}:{index}:{part}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def sample_candidates(model, tokenizer, instructions, template: Template, cfg, seed: int,
                       system_prompt: bool = False, engine=None, k: int | None = None,
                       progress: bool = True) -> list[Candidate]:
@@ -61,19 +72,22 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg, s
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     jobs = [(i, j) for i in range(len(instructions)) for j in range(k or cfg.k)]
 
-    def run(job_prompts, max_new_tokens, desc):
+    def run(job_prompts, seeds, max_new_tokens, desc):
         """(text, n_tokens, ended) per prompt: decoded, cut at the first stop text."""
         with tqdm(total=len(job_prompts), desc=desc, unit="seq", dynamic_ncols=True, disable=not progress) as bar:
             outputs = engine(
                 model, job_prompts, max_new_tokens=max_new_tokens, temperature=cfg.temperature,
                 top_p=cfg.top_p, eos_token_ids=eos_token_ids(model, tokenizer),
-                pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, seed=seed, progress=bar.update,
+                pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, seeds=seeds, progress=bar.update,
             )
         return [_stop(tokenizer, new_ids, hit_eos, cfg.stop) for new_ids, hit_eos in outputs]
 
+    def seeds(part, numbers):
+        return [candidate_seed(seed, instructions[jobs[n][0]].id, jobs[n][1], part) for n in numbers]
+
     force = cfg.force_marker and template.marker is not None
     first_budget = (cfg.thought_tokens or max(1, cfg.max_new_tokens // 2)) if force else cfg.max_new_tokens
-    results = run([prompt_ids[i] for i, _ in jobs], first_budget, "sample")
+    results = run([prompt_ids[i] for i, _ in jobs], seeds(0, range(len(jobs))), first_budget, "sample")
     forced = [False] * len(jobs)
     if force:
         # Every output not yet finished with a response goes on, in one batch: one that stopped or ran
@@ -91,7 +105,8 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg, s
                 forced[n] = not has_marker
         if todo:
             budget = cfg.max_new_tokens - min(len(h) for _, _, h in todo)
-            tails = run([prompt_ids[jobs[n][0]] + h for n, _, h in todo], budget, "sample (response)")
+            tails = run([prompt_ids[jobs[n][0]] + h for n, _, h in todo], seeds(1, [n for n, _, _ in todo]), budget,
+                        "sample (response)")
             for (n, head, head_ids), (tail, n_tail, ended) in zip(todo, tails):
                 left = cfg.max_new_tokens - len(head_ids)
                 if n_tail > left:  # over its own budget: cut there, truncated
@@ -127,15 +142,20 @@ def _stop(tokenizer, new_ids: list[int], hit_eos: bool, stops) -> tuple[str, int
 @torch.no_grad()
 def generate_tokens(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
                     top_p: float, eos_token_ids: list[int], pad_token_id: int, batch_size: int,
-                    seed: int, progress=None) -> list[tuple[list[int], bool]]:
-    """Plain transformers `generate`, batched: for each prompt, (new token ids without EOS, hit EOS).
+                    seeds: list[int], progress=None) -> list[tuple[list[int], bool]]:
+    """Transformers `generate`, batched: for each prompt, (new token ids without EOS, hit EOS).
 
     Prompts are sorted by length so that each batch pads little; left padding keeps every prompt's
-    last token at the same position, where generation starts."""
+    last token at the same position, where generation starts. The draw is the engine's (temperature,
+    top-p, inverse CDF from the prompt's own seeded uniforms), run as a logits processor under greedy
+    decoding, so that a sequence's tokens do not depend on its batch, as in the engine."""
+    from transformers import LogitsProcessorList
+
+    from minitpo.engine import uniform_table
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    torch.manual_seed(seed)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     results: list = [None] * len(prompt_ids)
     for start in range(0, len(order), batch_size):
@@ -147,10 +167,12 @@ def generate_tokens(model, prompt_ids: list[list[int]], *, max_new_tokens: int, 
             ids = prompt_ids[i]
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
+        draw = [] if temperature == 0 else [_Draw(uniform_table([seeds[i] for i in batch], max_new_tokens).to(device),
+                                                 width, temperature, top_p)]
         out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            do_sample=temperature > 0, temperature=temperature or None, top_p=top_p if temperature > 0 else None,
-            top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos_token_ids, pad_token_id=pad_token_id,
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
+            logits_processor=LogitsProcessorList(draw), max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_ids, pad_token_id=pad_token_id,
         )
         for row, i in enumerate(batch):
             new = out[row, width:].tolist()
@@ -160,3 +182,18 @@ def generate_tokens(model, prompt_ids: list[list[int]], *, max_new_tokens: int, 
             progress(len(batch))
     model.train(was_training)
     return results
+
+
+class _Draw:
+    """A logits processor that samples: each row's token from its own uniforms (engine.sample_next),
+    returned as the only finite score, so that generate's greedy step takes it."""
+
+    def __init__(self, uniforms, width: int, temperature: float, top_p: float):
+        self.uniforms, self.width, self.temperature, self.top_p = uniforms, width, temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        from minitpo.engine import sample_next
+
+        step = input_ids.shape[1] - self.width  # the index of the token drawn now
+        nxt = sample_next(scores.float(), self.temperature, self.top_p, self.uniforms[:, step])
+        return torch.full_like(scores, float("-inf")).scatter_(1, nxt[:, None], 0.0)

@@ -7,6 +7,10 @@ update, and the numbers travel with the pairs, so no second copy of the model is
 
 Sequences: prompt + completion (thought + marker + response + EOS); only completion tokens are
 scored. A batch of B pairs is one forward over 2B right-padded rows: chosen rows, then rejected rows.
+
+Under torchrun every rank forms the same batches; each runs its `dist.shard` of a batch's pairs, and
+the gradients are summed over the ranks before the update, so train.batch_size is the batch of the
+whole update and one process with the same recipe takes the same steps.
 """
 
 import math
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from minitpo import dist
 from minitpo.config import TrainConfig
 from minitpo.logps import sequence_logps
 from minitpo.loss import nll_loss, preference_loss
@@ -94,7 +99,8 @@ def reference_logps(model, examples: list[Example], pad_id: int, cfg: TrainConfi
     was_training = model.training
     model.eval()  # dropout off: the reference is a deterministic function of M_t
     out = []
-    for batch in tqdm(_length_batches(examples, cfg.batch_size), desc="reference", unit="batch", dynamic_ncols=True):
+    for batch in tqdm(_length_batches(examples, cfg.batch_size), desc="reference", unit="batch", dynamic_ncols=True,
+                      disable=not dist.is_main()):
         logps, _ = _forward(model, [examples[i] for i in batch], pad_id, device, cfg.logps_chunk)
         b = len(batch)
         out += [(i, logps[j].item(), logps[b + j].item()) for j, i in enumerate(batch)]
@@ -150,8 +156,11 @@ def evaluate(model, examples, refs, pad_id, cfg: TrainConfig, device) -> dict:
     """Mean DPO loss and reward accuracy on held-out pairs (dropout off)."""
     was_training = model.training
     model.eval()
-    sums = sum(_batch_loss(model, [examples[i] for i in batch], [refs[i] for i in batch], pad_id, cfg, device)[1]
-               for batch in _length_batches(examples, cfg.batch_size))
+    sums = torch.zeros(len(METRICS), device=device)
+    for batch in _length_batches(examples, cfg.batch_size):
+        if part := dist.shard(batch):
+            sums += _batch_loss(model, [examples[i] for i in part], [refs[i] for i in part], pad_id, cfg, device)[1]
+    dist.all_reduce_(sums)
     model.train(was_training)
     return {k: v / len(examples) for k, v in zip(METRICS, sums.tolist())}
 
@@ -178,20 +187,26 @@ def train_adapter(model, examples: list[Example], refs: list[tuple[float, float]
 
     model.train()
     update, epochs, best = 0, [], None
-    bar = tqdm(total=total_updates, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_updates, desc="train", unit="step", dynamic_ncols=True, disable=not dist.is_main())
     for epoch in range(1, cfg.epochs + 1):
         rng.shuffle(batches)  # length buckets stay together; their order changes every epoch
         for start in range(0, len(batches), cfg.grad_accum):
             group = batches[start:start + cfg.grad_accum]
-            n_pairs = sum(len(b) for b in group)
-            t0, totals, n_tok = time.perf_counter(), 0, 0  # totals: METRICS summed, on the device
+            n_pairs = sum(len(b) for b in group)  # of every rank
+            t0 = time.perf_counter()
+            totals = torch.zeros(len(METRICS) + 1, device=device)  # METRICS summed, then tokens; on the device
             for batch in group:
-                ex = [train_ex[i] for i in batch]
-                loss, metrics = _batch_loss(model, ex, [train_refs[i] for i in batch], pad_id, cfg, device)
-                (loss * len(batch) / n_pairs).backward()  # weight by pairs: every pair counts the same
-                n_tok += sum(e.n_tokens for e in ex)
-                totals = totals + metrics
-            sums = dict(zip(METRICS, totals.tolist()))  # one wait for the GPU per update, after backward
+                part = dist.shard(batch)  # this rank's pairs of the batch: all of them in one process
+                if not part:
+                    continue
+                ex = [train_ex[i] for i in part]
+                loss, metrics = _batch_loss(model, ex, [train_refs[i] for i in part], pad_id, cfg, device)
+                (loss * len(part) / n_pairs).backward()  # weight by pairs: every pair counts the same
+                totals[:-1] += metrics
+                totals[-1] += sum(e.n_tokens for e in ex)
+            dist.all_reduce_grads_(params)  # the gradient of the whole update's mean loss, on every rank
+            *sums, n_tok = dist.all_reduce_(totals).tolist()  # one wait for the GPU per update, after backward
+            sums = dict(zip(METRICS, sums))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
             optimizer.step()
             scheduler.step()

@@ -284,14 +284,14 @@ def test_sigkill_at_many_moments_then_resume_loses_only_the_stage_in_flight(tiny
     assert "win rate" in final.stdout
 
     # Every file present and valid, no temporary file left, and the same candidates, scores and pairs as
-    # the uninterrupted run (sampling is seeded per iteration, the judge deterministic).
+    # the uninterrupted run (every candidate has its own seed, the judge is deterministic).
     assert not list(out.rglob("*.tmp"))
     for t in (1, 2):
         for name in FILES + ["scores.jsonl", "judge_stats.json", "stages.json", "train_summary.json"]:
             assert (out / f"iter-{t}" / name).exists(), f"iter-{t}/{name}"
         for name in ("candidates.jsonl", "scores.jsonl", "pairs.jsonl"):
             assert jsonl(out / f"iter-{t}" / name) == jsonl(tiny_run[0] / f"iter-{t}" / name), f"iter-{t}/{name}"
-        assert set(json.load(open(out / f"iter-{t}" / "stages.json"))) == {"sample", "judge", "pair", "train"}
+        assert set(json.load(open(out / f"iter-{t}" / "stages.json"))) == {"sample", "judge", "pair", "train", "world_size"}
     for p in out.rglob("*.json"):
         json.load(open(p))
     for p in out.rglob("*.jsonl"):

@@ -66,7 +66,7 @@ def pick_eos(model, prompts):
 
 def engine_greedy(model, prompts, eos, batch_size):
     return generate_tokens(model, prompts, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
-                           eos_token_ids=eos, pad_token_id=PAD, batch_size=batch_size, seed=0)
+                           eos_token_ids=eos, pad_token_id=PAD, batch_size=batch_size, seeds=[0] * len(prompts))
 
 
 def lora(model, seed=1, dropout=0.0):
@@ -154,7 +154,7 @@ def test_continuous_batching_changes_nothing():
     one_batch = engine_greedy(model, PROMPTS, eos, batch_size=8)
     done = []
     out = generate_tokens(model, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0, eos_token_ids=eos,
-                          pad_token_id=PAD, batch_size=3, seed=0, progress=done.append)
+                          pad_token_id=PAD, batch_size=3, seeds=[0] * len(PROMPTS), progress=done.append)
     assert out == one_batch == hf_greedy(model, PROMPTS, eos)
     assert sum(done) == len(PROMPTS)
 
@@ -237,10 +237,29 @@ def test_first_token_distribution_end_to_end():
     probs = hf_probs(logits, temperature, top_p)
     assert 3 <= (probs > 0).sum() < 32, "the nucleus should be a proper subset"
     out = generate_tokens(model, [prompt] * n, max_new_tokens=1, temperature=temperature, top_p=top_p,
-                          eos_token_ids=[], pad_token_id=PAD, batch_size=1000, seed=0)
+                          eos_token_ids=[], pad_token_id=PAD, batch_size=1000, seeds=list(range(n)))
     assert all(not stopped and len(toks) == 1 for toks, stopped in out)
     counts = torch.bincount(torch.tensor([toks[0] for toks, _ in out]), minlength=32)
     assert counts[probs == 0].sum() == 0, "tokens outside the nucleus must never be drawn"
     assert chi2_ok(counts, probs)
     assert not chi2_ok(counts, hf_probs(logits, 1.0, top_p)), "the test must tell temperature 0.8 from 1.0"
+    release()
+
+
+def test_a_sequence_draws_from_its_own_seed_whatever_its_batch():
+    """Sampled (T 0.8, top-p 0.95), each prompt with its own seed: one batch of 8, 3 slots refilled
+    mid-run, and each prompt alone in reverse order give the same tokens; so does transformers'
+    generate with the same draw (sample.generate_tokens). A different seed gives other tokens."""
+    from minitpo.sample import generate_tokens as hf_generate_tokens
+
+    model = tiny("llama")
+    kw = dict(max_new_tokens=MAX_NEW, temperature=0.8, top_p=0.95, eos_token_ids=[], pad_token_id=PAD)
+    seeds = [101 + i for i in range(len(PROMPTS))]
+    together = generate_tokens(model, PROMPTS, batch_size=8, seeds=seeds, **kw)
+    refilled = generate_tokens(model, PROMPTS, batch_size=3, seeds=seeds, **kw)
+    alone = [generate_tokens(model, [p], batch_size=1, seeds=[s], **kw)[0] for p, s in reversed(list(zip(PROMPTS, seeds)))]
+    assert together == refilled == alone[::-1]
+    assert hf_generate_tokens(model, PROMPTS, batch_size=3, seeds=seeds, **kw) == together
+    other = generate_tokens(model, PROMPTS, batch_size=8, seeds=[s + 1000 for s in seeds], **kw)
+    assert sum(a != b for a, b in zip(other, together)) >= 6
     release()

@@ -87,3 +87,21 @@ def test_force_marker_does_nothing_without_a_marker(policy):
     forced = sample_candidates(model, tokenizer, instructions, DIRECT,
                                dataclasses.replace(cfg, force_marker=True), seed=0, progress=False)
     assert [c.text for c in plain] == [c.text for c in forced] and not any(c.forced for c in forced)
+
+
+@pytest.mark.parametrize("engine", ["fast", "generate"])
+def test_a_candidate_does_not_depend_on_its_batch(policy, engine):
+    """Seeds are per instruction and candidate: sampling 2 of 6 instructions, in the other order and
+    with smaller batches, gives those two exactly the candidates the full slice gave them (the forced
+    marker's second pass included); another run seed gives others."""
+    model, tokenizer = policy
+    instructions = load_instructions(TINY / "instructions.jsonl")[:6]
+    cfg = SamplingConfig(k=3, max_new_tokens=40, batch_size=18, engine=engine, force_marker=True, thought_tokens=8)
+    full = sample_candidates(model, tokenizer, instructions, GENERIC, cfg, seed=5, progress=False)
+    part = sample_candidates(model, tokenizer, [instructions[4], instructions[1]], GENERIC,
+                             dataclasses.replace(cfg, batch_size=4), seed=5, progress=False)
+    by_key = {(c.instruction_id, c.index): c for c in full}
+    assert all(c == by_key[(c.instruction_id, c.index)] for c in part) and len(part) == 6
+    assert any(c.forced for c in part)
+    other = sample_candidates(model, tokenizer, instructions, GENERIC, cfg, seed=6, progress=False)
+    assert sum(a.text != b.text for a, b in zip(full, other)) >= 9

@@ -24,15 +24,15 @@ from minitpo import io
 CHUNK = 256  # judgements between cache writes: a kill loses at most this much judge work
 
 
-def score_candidates(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
+def score_candidates(cfg, parsed, cache_path: Path, progress: bool = True) -> tuple[list[float], dict]:
     if cfg.mode == "pairwise":
-        return _score_pairwise(cfg, parsed, cache_path)
+        return _score_pairwise(cfg, parsed, cache_path, progress)
     cache = {(r["instruction"], r["response"]): r for r in io.read_jsonl(cache_path, missing_ok=True)}
     todo = list(dict.fromkeys((c.instruction, c.response) for c in parsed if (c.instruction, c.response) not in cache))
     scorer = pointwise_scorer(cfg)
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start:start + CHUNK]
-        results = scorer(cfg, [i for i, _ in chunk], [r for _, r in chunk])
+        results = scorer(cfg, [i for i, _ in chunk], [r for _, r in chunk], progress=progress)
         cache.update({(i, r): {"instruction": i, "response": r, **res} for (i, r), res in zip(chunk, results)})
         io.write_jsonl(cache_path, list(cache.values()))
     rows = [cache[(c.instruction, c.response)] for c in parsed]
@@ -43,6 +43,37 @@ def score_candidates(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
     return [r["score"] for r in rows], {"judged": len(todo), "cached": len(parsed) - len(todo),
                                         "verdict_mass": sum(masses) / len(masses) if masses else None,
                                         "responses_cut": sum(bool(r.get("cut")) for r in rows)}
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    """The judge stats of several processes' shares (score_candidates) as one process's: counts add,
+    the two means are weighted by what they average over."""
+    weights = {"verdict_mass": lambda s: s["judged"] + s["cached"], "position_consistency": lambda s: s["pairs_judged"]}
+    out = {}
+    for key in parts[0]:
+        if key in weights:
+            pairs = [(s[key], weights[key](s)) for s in parts if s[key] is not None]
+            total = sum(w for _, w in pairs)
+            out[key] = sum(v * w for v, w in pairs) / total if total else None
+        else:
+            out[key] = sum(s[key] for s in parts)
+    return out
+
+
+def rank_cache(cache_path: Path, rank: int) -> Path:
+    """Where rank `rank` keeps its judgements during the stage: rank 0 in the run's judge cache."""
+    return cache_path if rank == 0 else cache_path.with_name(f"{cache_path.stem}.rank{rank}{cache_path.suffix}")
+
+
+def merge_caches(cache_path: Path) -> None:
+    """Fold the ranks' judge caches (left by this stage or by a killed run with more processes) into
+    the run's one judge cache, as one process would have written it."""
+    extra = sorted(cache_path.parent.glob(f"{cache_path.stem}.rank*{cache_path.suffix}"))
+    if extra:
+        rows = [r for p in [cache_path, *extra] for r in io.read_jsonl(p, missing_ok=True)]
+        io.write_jsonl(cache_path, rows)
+        for p in extra:
+            p.unlink()
 
 
 def verdict(p: float) -> float:
@@ -82,7 +113,7 @@ def compare(cfg, instructions: list[str], ours: list[str], theirs: list[str]) ->
     return [preference(a["score"], b["score"]) for a, b in zip(scored[:n], scored[n:])]
 
 
-def _score_pairwise(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
+def _score_pairwise(cfg, parsed, cache_path: Path, progress: bool = True) -> tuple[list[float], dict]:
     """Bradley-Terry scores within each instruction's group of parsed responses."""
     from minitpo.judges.pairwise import judge_pairwise
 
@@ -96,7 +127,7 @@ def _score_pairwise(cfg, parsed, cache_path: Path) -> tuple[list[float], dict]:
     for start in range(0, len(items), per_chunk):
         chunk = items[start:start + per_chunk]
         group_scores, stats = judge_pairwise(cfg, [(cs[0].instruction, [c.response for c in cs]) for _, cs in chunk],
-                                             cache=cache)
+                                             progress=progress, cache=cache)
         for (_, cs), s in zip(chunk, group_scores):
             scores.update({(c.instruction_id, c.index): v for c, v in zip(cs, s)})
         pairs = stats.get("pairs_judged", 0)

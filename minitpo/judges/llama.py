@@ -150,7 +150,7 @@ def open_llama_judge(cfg):
             # n_batch <= 512 is a multiple of KEEP_ALIGN, or it is n_ctx and holds any prompt in one batch
             llm = Llama(model_path=str(path), n_ctx=cfg.n_ctx, n_batch=min(512, cfg.n_ctx or 512),
                         n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads, logits_all=False,
-                        verbose=False)
+                        verbose=False, **_own_gpu())
     except (ValueError, RuntimeError):
         raise UserError(f"judge.model: {path} is not a valid GGUF file (llama.cpp could not load it); "
                         "give a complete GGUF model file") from None
@@ -164,6 +164,14 @@ def open_llama_judge(cfg):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # not glibc
             pass
+
+
+def _own_gpu() -> dict:
+    """Under torchrun, each rank's judge on the rank's GPU alone (llama.cpp would split its layers
+    over every visible GPU); nothing otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {}
+    return {"main_gpu": int(os.environ.get("LOCAL_RANK", "0")), "split_mode": 0}  # LLAMA_SPLIT_MODE_NONE
 
 
 @contextmanager
