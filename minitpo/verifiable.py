@@ -2,7 +2,7 @@
 `judge.type: python` and `judge.function: minitpo.verifiable:score`.
 
 Consumes (instruction, response) strings and nothing else, so the constraints are read back from the
-instruction: each one in recipes/data/verifiable.jsonl is a base task plus 1-3 constraint sentences in
+instruction: each one in recipes/data/verifiable.jsonl is a base task plus 2-3 constraint sentences in
 the canonical phrasings below (KINDS), which `render` writes and `constraints_of` finds anywhere in a text.
 
     max_words N       Answer in at most N words.

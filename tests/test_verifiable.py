@@ -195,7 +195,7 @@ def test_the_set_is_large_spread_and_uses_every_kind():
     assert len(categories) >= 8 and max(categories.values()) <= 1.5 * min(categories.values()), categories
     kinds = Counter(kind for row in ROWS for kind, _ in row["constraints"])
     assert set(kinds) == set(v.KINDS) and min(kinds.values()) >= 10, kinds
-    assert {len(row["constraints"]) for row in ROWS} == {1, 2, 3}
+    assert {len(row["constraints"]) for row in ROWS} == {2, 3}  # one alone ties too often (make_verifiable.py)
     assert len({base_task(row) for row in ROWS}) >= 240  # distinct base tasks, not one task with many constraint sets
 
 
@@ -211,40 +211,39 @@ def test_the_file_is_what_make_verifiable_writes():
 # Instructions of the set, each with a hand-written answer that meets every constraint and one that
 # answers the task but meets none.
 CASES = [
-    ('List reasons a customer might choose a local bakery over a supermarket. Write your whole answer in '
-     'capital letters only. Include the words "quality" and "customers".',
-     "LOCAL BAKERIES BAKE FRESH BREAD EVERY MORNING. CUSTOMERS KNOW THE BAKER BY NAME. THE QUALITY OF "
-     "THE FLOUR AND BUTTER IS HIGHER. BUYING THERE SUPPORTS THE NEIGHBORHOOD.",
-     "Local bakeries bake fresh bread every morning and the staff know you by name."),
-    ('Suggest ways a farmers market stall can stand out from its neighbors. Use exactly 3 bullet points in '
-     'markdown format. End your answer with the exact phrase "That is all for now.".',
-     "- Hang a bright hand-painted sign with your farm's name.\n- Offer free samples of fruit cut on the "
-     "spot.\n- Arrange produce in colorful baskets at eye level.\nThat is all for now.",
-     "Hang a bright sign, offer free samples and arrange your produce in colorful baskets."),
-    ('Suggest slogans for a bicycle repair shop. Format your whole answer as valid JSON. Include the words '
-     '"offer", "price" and "community".',
-     '{"slogans": ["Fast fixes at a fair price", "We offer a tune-up for every ride", '
-     '"Keeping our community on two wheels"]}',
-     "Pedal on with us: quick fixes and friendly mechanics."),
-    ('Suggest ways to reduce stress before an exam. Do not use the word "really". Include the words "body", '
-     '"rest" and "water".',
-     "Get enough rest the night before so your mind is clear. Drink water and eat a light meal. Take slow "
-     "breaths to relax your body, and review only your short notes on the morning of the exam.",
-     "Really, just try to relax. Take a walk, really breathe and look over your notes."),
-    ('List ways to protect your skin on a sunny day. Answer in at most 50 words. Use exactly 4 bullet points '
-     'in markdown format. Give your answer a title wrapped in double angular brackets, such as <<my title>>.',
-     "<<Sun Safety>>\n- Wear sunscreen with a high SPF.\n- Put on a wide hat.\n- Stay in the shade at noon.\n"
-     "- Wear sunglasses and light long sleeves.",
-     "Sunscreen with a high SPF protects you from the burning rays of the sun, and you should put it on "
-     "again every two hours. A wide hat keeps your face and neck in the shade. Try to stay indoors or under "
-     "a tree around noon, when the sun is strongest. Sunglasses protect your eyes, and light long sleeves "
-     "cover your arms without making you too hot."),  # over 50 words, no bullets, no title
-    ('Give reasons why people celebrate the new year. End your answer with the exact phrase "Thanks for '
-     'reading.". Start your answer with the exact phrase "Here you go:".',
-     "Here you go: People celebrate the new year because it feels like a fresh start. Families gather to "
-     "share food, and many people make promises to improve their lives. Fireworks and music mark the end "
-     "of a long year. Thanks for reading.",
-     "People celebrate the new year because it feels like a fresh start."),
+    ('Describe how to make a simple tomato sauce. Write your whole answer in capital letters only. Include '
+     'the words "salt" and "taste".',
+     "WARM OLIVE OIL IN A PAN AND COOK A CHOPPED ONION UNTIL SOFT. ADD GARLIC, THEN CRUSHED TOMATOES. "
+     "SIMMER FOR TWENTY MINUTES, ADD SALT AND PEPPER, AND TASTE BEFORE SERVING.",
+     "Warm olive oil in a pan, cook a chopped onion, add crushed tomatoes and simmer for twenty minutes."),
+    ('List the ingredients for a simple vegetable soup. End your answer with the exact phrase "Thanks for '
+     'reading.". Use exactly 2 bullet points in markdown format.',
+     "- Carrots, onions, celery and potatoes, chopped small.\n- Vegetable stock, a bay leaf, salt and "
+     "pepper.\nThanks for reading.",
+     "You need carrots, onions, celery, potatoes and some vegetable stock."),
+    ('Suggest ways to eat more vegetables without noticing. Format your whole answer as valid JSON. Include '
+     'the words "body" and "sleep".',
+     '{"ideas": ["Blend spinach into a fruit smoothie", "Grate carrots into pasta sauce", '
+     '"Your body gets more fiber and you may sleep better"]}',
+     "Hide grated carrots in pasta sauce and blend spinach into smoothies."),
+    ('Explain what a brand logo should communicate. Start your answer with the exact phrase "Here you go:". '
+     'Do not use the word "great". Include the word "local".',
+     "Here you go: A logo should tell people at a glance what a business stands for. A bakery might show "
+     "warm bread to signal fresh, local food, and a bank might use calm blue shapes to suggest trust.",
+     "A great logo shows what a company stands for. Great logos are simple and easy to remember."),
+    ('Give tips for teaching children about money. Use exactly 3 bullet points in markdown format. End your '
+     'answer with the exact phrase "That is all for now.". Answer in at most 60 words.',
+     "- Give them a small weekly allowance.\n- Use three jars: spend, save and share.\n- Let them pay at "
+     "the shop counter.\nThat is all for now.",
+     "Children learn about money best by handling it themselves. A small weekly allowance lets them make "
+     "choices and mistakes while the amounts are low. Three jars, one to spend, one to save and one to "
+     "share, make the idea of a budget visible. Letting them pay at the shop counter, count the change "
+     "and compare prices teaches them more than any lecture about saving ever could."),  # over 60 words, no bullets
+    ('Suggest ways to save for a holiday. Start your answer with the exact phrase "Let me explain.". End your '
+     'answer with the exact phrase "That is all for now.".',
+     "Let me explain. Open a separate savings account for the trip and move a fixed amount into it every "
+     "payday. Cook at home more often and put what you save toward the holiday. That is all for now.",
+     "Put a little money aside every month and cook at home more often."),
 ]
 
 
@@ -276,18 +275,18 @@ def test_genuine_answers_beat_degenerate_ones(instruction, meets_all, meets_none
 def test_degenerate_reasons():
     instruction = CASES[0][0]
     assert v.degenerate_reason(instruction, "") == "empty"
-    assert v.degenerate_reason(instruction, "quality customers") == "too short"
+    assert v.degenerate_reason(instruction, "salt taste") == "too short"
     assert v.degenerate_reason(instruction, "YES " * 50) == "repetitive"
     assert v.degenerate_reason(instruction, "The sun is hot. " * 10) == "repetitive"
-    assert v.degenerate_reason(instruction, "CUSTOMERS QUALITY LOCAL BAKERY CUSTOMERS") == "no new words"
-    # the instruction copied back, plus a new sentence of 12 words: 26 of 38 words are a copy
-    copy = f"{instruction} Fresh bread every morning from people who know you by your name."
+    assert v.degenerate_reason(instruction, "TOMATO SAUCE SALT TASTE TOMATO") == "no new words"
+    # the instruction copied back, plus a new sentence of 12 words: 22 of 34 words are a copy
+    copy = f"{instruction} Ripe tomatoes and a slow simmer give the sauce its sweet flavor."
     assert v.degenerate_reason(instruction, copy) == "echoes the instruction"
 
 
 def test_asked_for_phrases_are_not_an_answer_on_their_own():
     instruction = CASES[5][0]
-    assert v.degenerate_reason(instruction, "Here you go: Thanks for reading.") == "too short"
+    assert v.degenerate_reason(instruction, "Let me explain. That is all for now.") == "too short"
 
 
 def test_genuine_short_answers_are_not_degenerate():
@@ -305,4 +304,4 @@ def test_the_judge_hook_loads_and_calls_score():
     cfg = JudgeConfig(type="python", function="minitpo.verifiable:score")
     instruction, meets_all, meets_none = CASES[3]
     scores = [r["score"] for r in score_responses(cfg, [instruction] * 3, [meets_all, meets_none, ""], progress=False)]
-    assert scores == [10.0, pytest.approx(2.5), 0.0]  # meets_none: 1 + 9 * mean(1/3 for two "really", 0)
+    assert scores == [10.0, pytest.approx(2.0), 0.0]  # meets_none: 1 + 9 * mean(0, 1/3 for two "great", 0)

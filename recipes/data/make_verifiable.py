@@ -338,10 +338,10 @@ def allowed(kind: str, chosen: list[str], is_list: bool) -> bool:
 
 
 def pick_kinds(rng: random.Random, counts: dict[str, int], is_list: bool) -> list[str]:
-    """1 (40%), 2 (45%) or 3 (15%) kinds; each time the least used allowed kind, ties at random, so
-    every kind ends up used about equally often."""
-    r = rng.random()
-    n = 1 if r < 0.4 else 2 if r < 0.85 else 3
+    """2 (65%) or 3 (35%) kinds, never 1: with one constraint the K candidates often all meet it (or all
+    miss it) and tie, which leaves the instruction without a pair. Each time the least used allowed kind,
+    ties at random, so every kind ends up used about equally often."""
+    n = 2 if rng.random() < 0.65 else 3
     chosen = []
     for _ in range(n):
         options = [k for k in KINDS if allowed(k, chosen, is_list)]
