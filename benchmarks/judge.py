@@ -4,7 +4,8 @@ llama.cpp gives back on close.
 Scores N synthetic instructions x K responses each (the responses to one instruction are consecutive, as
 the loop passes them), once evaluating every prompt from scratch and once reusing the shared prefix
 (judge preamble + instruction). Prints responses scored per second, the speedup, the largest score
-difference between the two runs, and the process RSS before load, while loaded and after close. Then
+difference between the two runs, and the process RSS (and, on a GPU, the device memory in use) before
+load, while loaded and after close. Then
 the pairwise mode on the first --pairwise-n instructions: K(K-1) ordered pairs per instruction.
 
     python benchmarks/judge.py --gguf recipes/tiny/judge.gguf --n 64 --k 8
@@ -39,6 +40,18 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def gpu_used_mib() -> float | None:
+    """Memory in use on the GPU, every process and library (llama.cpp's CUDA buffers are not torch's)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**20
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gguf", required=True, help="judge model file")
@@ -54,9 +67,10 @@ def main():
     template = judge.load_prompt_template(None)
     import llama_cpp  # noqa: F401  (import first: its shared libraries are not what close() frees)
 
+    gpu_before = gpu_used_mib()  # first: it imports torch, which the RSS numbers then all include
     rss_before = rss_mib()
     with judge.open_llama_judge(cfg) as llm:
-        rss_loaded = rss_mib()
+        rss_loaded, gpu_loaded = rss_mib(), gpu_used_mib()
         judge.score_with_llama(llm, template, instructions[:2], responses[:2])  # warm-up
         runs = {}
         for reuse in (False, True):
@@ -78,6 +92,9 @@ def main():
           f"speedup x{runs[False, 's'] / runs[True, 's']:.2f}")
     print(f"  max |score difference| {max_diff:.2e}; mean score_mass {mass:.3f}")
     print(f"  RSS MiB: before load {rss_before:.0f}, loaded {rss_loaded:.0f}, after close {rss_closed:.0f}")
+    if gpu_before is not None:
+        print(f"  GPU MiB in use: before load {gpu_before:.0f}, loaded {gpu_loaded:.0f} (llama.cpp: "
+              f"{gpu_loaded - gpu_before:.0f}, weights, KV cache and compute buffers), after close {gpu_used_mib():.0f}")
 
     from minitpo.judges.pairwise import judge_pairwise
 

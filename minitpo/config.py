@@ -61,7 +61,8 @@ class SamplingConfig:
     temperature: float = 0.8  # paper: 0.8
     top_p: float = 0.95  # paper: 0.95
     max_new_tokens: int = 1024  # thought + response; a candidate that hits it is a parse failure
-    batch_size: int = 64  # sequences generated at once; lower it if sampling runs out of memory
+    batch_size: int | Literal["auto"] = "auto"  # sequences decoded at once; auto: as many as memory holds (<= 256)
+    memory_gb: float | None = None  # cap on the sampler's memory (its weight copy, KV cache, workspace); null = free memory
     seed: int = 0  # iteration t samples with seed + t
     engine: Literal["fast", "generate"] = "fast"  # fast: minitpo/engine.py; generate: plain transformers
     stop: tuple[str, ...] = ()  # texts that end an output like EOS (for base models that never emit EOS)
@@ -75,7 +76,10 @@ class SamplingConfig:
         _check(self.temperature >= 0, "sampling.temperature", self.temperature, "use 0 (greedy) or more")
         _check(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "use a value in (0, 1]")
         _check(self.max_new_tokens >= 1, "sampling.max_new_tokens", self.max_new_tokens, "use 1 or more")
-        _check(self.batch_size >= 1, "sampling.batch_size", self.batch_size, "use 1 or more")
+        _check(self.batch_size == "auto" or self.batch_size >= 1, "sampling.batch_size", self.batch_size,
+               "use 1 or more, or auto")
+        _check(self.memory_gb is None or self.memory_gb > 0, "sampling.memory_gb", self.memory_gb,
+               "use a positive number of GB, or null")
         _check(self.seed >= 0, "sampling.seed", self.seed, "use 0 or more")
         _check(all(self.stop), "sampling.stop", list(self.stop), "remove the empty text: it would stop every output at once")
         _check(self.thought_tokens is None or 1 <= self.thought_tokens < self.max_new_tokens,

@@ -28,6 +28,11 @@ prompts of 128 tokens, 256 new tokens, T 0.8, top-p 0.95; benchmarks/sample.py):
    per layer and we hand the HF forward explicit 4-D masks and position_ids. The model's own layers
    run unchanged, so architectures that take a prepared 4-D mask work (tested: Llama, Qwen2, Gemma3
    with its sliding-window layers). Sampling (sort + 2 cumsums over the vocab) is 1.5 ms of a step.
+4. Memory. A decode step attends to the cache columns filled so far, rounded up to KEY_BLOCK (one
+   CUDA graph per width, recorded on first use, sharing one memory pool), not to the whole static
+   cache. The K copies of an instruction's prompt are prefilled once and their columns copied. The
+   number of slots comes from the free memory (`fit_slots`; batch_size "auto" asks for up to
+   AUTO_MAX_SLOTS), within an optional budget (sampling.memory_gb).
 Distribution: temperature, then top-p exactly as HF's TopPLogitsWarper (no top-k: pass top_k=0 to
 generate to compare), then one draw by inverse CDF. Each prompt brings its own seed, and the uniform
 for its n-th token is the n-th of that seed's stream (`uniform_table`), read inside the graph: which
@@ -36,6 +41,7 @@ slot, batch or process draws a sequence never changes its tokens.
 
 import gc
 import inspect
+import os
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -46,6 +52,8 @@ from minitpo.dense import build_sampling_model, load_dense_weights
 from minitpo.model import hf_model
 
 SYNC_EVERY = 16  # decode steps between host syncs; a finished slot idles at most this long
+AUTO_MAX_SLOTS = 256  # batch_size "auto": at most this many slots (20,299 tok/s at 256 on an H100, above)
+KEY_BLOCK = 128  # decode attends to the filled cache columns rounded up to this (one CUDA graph per width)
 PREFILL_TOKENS = 8192  # (prompts x width) per prefill forward: bounds activation memory
 RESERVE_BYTES = 2 << 30  # kept free on the GPU for prefill activations and allocator slack
 WORKSPACE_PER_VOCAB = 32  # bytes per slot per vocab entry: fp32 logits, sort values+indices, cumsum
@@ -60,7 +68,13 @@ class SlotCache:
     def __init__(self, n_slots, n_cols, cols):
         self.n_slots, self.n_cols, self.cols = n_slots, n_cols, cols  # cols: (B,) the slots' `cur`
         self.rows = None  # (n,) slot ids during prefill, None during decode
+        self.n_keys = n_cols  # decode attends to columns [0, n_keys): the filled ones, not the whole cache
         self.k, self.v = {}, {}
+
+    def copy_rows(self, src, dst, width: int) -> None:
+        """Columns [0, width) of slots `src` into slots `dst`, every layer: a shared prefill."""
+        for K in (*self.k.values(), *self.v.values()):
+            K[:, :, :width].index_copy_(0, dst, K[src, :, :width])
 
     def update(self, k, v, layer_idx, *args, **kwargs):  # k, v: (N, H_kv, T, D), RoPE applied
         if layer_idx not in self.k:
@@ -75,7 +89,7 @@ class SlotCache:
         idx = self.cols.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])  # (B, H_kv, 1, D)
         K.scatter_(2, idx, k)
         V.scatter_(2, idx, v)
-        return K, V
+        return K[:, :, :self.n_keys], V[:, :, :self.n_keys]
 
     def get_seq_length(self, layer_idx=0):  # only asked when position_ids is missing; we pass them
         return 0
@@ -108,7 +122,9 @@ class _Engine:
     top_p: float
     pad_id: int
     forward: object = None  # the decode step's forward: _logits, or torch.compile of it
-    graph: object = None  # torch.cuda.CUDAGraph of one decode step
+    graphs: dict | None = None  # n_keys -> torch.cuda.CUDAGraph of one decode step; None: decode eagerly
+    pool: object = None  # the memory pool the graphs share (they never run at once)
+    prefill_rows: int = 0  # prompts prefilled so far: copies of a prompt in one refill count once
 
 
 NUCLEUS_CANDIDATES = 1024  # CPU: the top-p nucleus is looked for among this many likeliest tokens first
@@ -158,27 +174,53 @@ def _sample_sorted(scores, top_p, u):
     return order.gather(-1, pick).squeeze(-1)
 
 
-def _plan(base, want, n_cols, device):
-    """(build a dense copy?, number of slots) from free GPU memory; on CPU always (True, want)."""
-    if device.type != "cuda":
-        return True, want
-    cfg = base.config.get_text_config()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * n_cols * 2  # bf16 K+V
-    per_slot += WORKSPACE_PER_VOCAB * cfg.vocab_size
-    n_params = sum(p.quant_state.shape.numel() if hasattr(p, "quant_state") else p.numel()
-                   for n, p in base.named_parameters() if "lora_" not in n)
-    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-    free -= torch.cuda.memory_allocated(device) + RESERVE_BYTES
-    use_copy = free - 2 * n_params >= per_slot * min(want, 64)
-    room = free - (2 * n_params if use_copy else 0)
+def fit_slots(free: int, copy_bytes: int, per_slot: int, want: int, budget: int | None = None) -> tuple[bool, int]:
+    """(sample from a dense copy?, number of slots) for `free` bytes, capped by `budget` when given:
+    the copy when it leaves room for min(want, 64) slots, then as many slots as the rest holds, at
+    most `want`, at least 1."""
+    if budget is not None:
+        free = min(free, budget)
+    use_copy = free - copy_bytes >= per_slot * min(want, 64)
+    room = free - (copy_bytes if use_copy else 0)
     return use_copy, max(1, min(want, room // per_slot))
 
 
-def _build(model, n_slots, n_cols, max_new, temperature, top_p, eos_ids, pad_id, cuda_graphs, compile):
+def slot_bytes(config, n_cols: int, elem_bytes: int) -> int:
+    """Memory of one slot: its K and V for every layer over n_cols columns, and its share of the
+    sampling workspace (fp32 logits, sort, cumsum over the vocabulary)."""
+    cfg = config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * n_cols * elem_bytes \
+        + WORKSPACE_PER_VOCAB * cfg.vocab_size
+
+
+def _free_bytes(device) -> int:
+    """What the sampler may use: free GPU memory (the allocator's cached blocks included), or the
+    host's available memory, less RESERVE_BYTES."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+        free -= torch.cuda.memory_allocated(device)
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return free - RESERVE_BYTES
+
+
+def _plan(base, want, n_cols, device, budget=None):
+    """(build a dense copy?, number of slots) from the memory free on `device`, within `budget` bytes."""
+    elem = 2 if device.type == "cuda" else base.get_input_embeddings().weight.element_size()  # the copy's dtype
+    n_params = sum(p.quant_state.shape.numel() if hasattr(p, "quant_state") else p.numel()
+                   for n, p in base.named_parameters() if "lora_" not in n)
+    return fit_slots(_free_bytes(device), elem * n_params, slot_bytes(base.config, n_cols, elem), want, budget)
+
+
+def _build(model, n_slots, n_cols, max_new, temperature, top_p, eos_ids, pad_id, cuda_graphs, compile, budget=None):
     base = hf_model(model)
     device = next(base.parameters()).device
-    use_copy, n_slots = _plan(base, n_slots, n_cols, device)
+    use_copy, n_slots = _plan(base, n_slots, n_cols, device, budget)
     if use_copy:  # bf16 on the GPU; on CPU (tests) the policy's own float dtype
         dtype = torch.bfloat16 if device.type == "cuda" else base.get_input_embeddings().weight.dtype
         lm = build_sampling_model(base, dtype, device)
@@ -200,32 +242,54 @@ def _build(model, n_slots, n_cols, max_new, temperature, top_p, eos_ids, pad_id,
     if compile and use_copy and device.type == "cuda":  # fuses norms, RoPE, activations
         e.forward = torch.compile(_logits, dynamic=False)  # decode shapes only: prefill calls _logits
     if cuda_graphs and device.type == "cuda":
-        e.graph = _capture(e)
+        e.graphs, e.pool = {}, torch.cuda.graph_pool_handle()
     return e
 
 
+def _step(e, n_keys: int) -> None:
+    """One decode step over the first n_keys cache columns: the CUDA graph recorded for that width
+    (recorded on first use), or eagerly."""
+    e.cache.n_keys = n_keys
+    if e.graphs is not None and n_keys not in e.graphs:
+        graph = _capture(e)
+        if graph is None:
+            e.graphs = None
+        else:
+            e.graphs[n_keys] = graph
+    if e.graphs is not None:
+        e.graphs[n_keys].replay()
+    else:
+        _decode_step(e)
+
+
 def _capture(e):
-    """Record one decode step as a CUDA graph. Warm-up runs first on a side stream (cuBLAS handles,
-    cache allocation, compilation); with every slot inactive a step changes nothing that matters.
-    If the compiled step fails we retry the plain one; if that fails too, we decode eagerly."""
-    while True:
-        try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
+    """Record one decode step, at the cache width e.cache.n_keys, as a CUDA graph. Warm-up runs first
+    on a side stream (cuBLAS handles, cache allocation, compilation); with every slot inactive a step
+    changes nothing that matters. If the compiled step fails we retry the plain one; if that fails
+    too, we decode eagerly."""
+    active = e.slots.active.clone()
+    e.slots.active.zero_()
+    try:
+        while True:
+            try:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        _decode_step(e)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=e.pool):
                     _decode_step(e)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                _decode_step(e)
-            return graph
-        except Exception as err:  # noqa: BLE001 -- compile or capture errors come in many types
-            compiled = e.forward is not _logits
-            warnings.warn(f"{'compiled' if compiled else 'plain'} decode step not recorded as a CUDA graph: {err!r}")
-            if not compiled:
-                return None
-            e.forward = _logits
+                return graph
+            except Exception as err:  # noqa: BLE001 -- compile or capture errors come in many types
+                compiled = e.forward is not _logits
+                warnings.warn(f"{'compiled' if compiled else 'plain'} decode step not recorded as a CUDA graph: {err!r}")
+                if not compiled:
+                    return None
+                e.forward = _logits
+    finally:
+        e.slots.active.copy_(active)
 
 
 def _logits(e, input_ids, position_ids, valid, dist):
@@ -252,7 +316,7 @@ def _logits(e, input_ids, position_ids, valid, dist):
 def _decode_step(e):
     """One token for every slot: forward, draw, book-keeping; all on device, so it can be a graph."""
     s = e.slots
-    cols = torch.arange(e.cache.n_cols, device=s.cur.device)
+    cols = torch.arange(e.cache.n_keys, device=s.cur.device)  # only the filled columns are read
     dist = s.cur[:, None] - cols  # (B, C) query position - key position
     valid = (cols >= s.start[:, None]) & (dist >= 0)  # an idle slot still sees its own column
     logits = e.forward(e, s.tokens[:, None], (s.cur - s.start)[:, None], valid[:, None, None], dist[:, None, None])
@@ -276,19 +340,29 @@ def _prefill(e, rows, prompts, uniforms):
     width = max(len(p) for p in prompts) - 1
     start = torch.tensor([width - len(p) + 1 for p in prompts], device=dev)  # (n,)
     rows_t = torch.tensor(rows, device=dev)
+    # The K candidates of an instruction are K copies of one prompt, queued together: run the forward
+    # for the first copy of each prompt only and copy its cache columns into the other copies' slots.
+    first: dict[tuple, int] = {}
+    src = [first.setdefault(tuple(p), i) for i, p in enumerate(prompts)]
+    uniq = sorted(first.values())
+    e.prefill_rows += len(uniq)
     if width > 0:
-        ids = torch.full((len(rows), width), e.pad_id or 0, dtype=torch.long)  # masked: any valid id
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) + 1:] = torch.tensor(p[:-1])
+        ids = torch.full((len(uniq), width), e.pad_id or 0, dtype=torch.long)  # masked: any valid id
+        for j, i in enumerate(uniq):
+            ids[j, width - len(prompts[i]) + 1:] = torch.tensor(prompts[i][:-1])
         cols = torch.arange(width, device=dev)
         dist = cols[:, None] - cols  # (L, L)
-        valid = (cols >= start[:, None, None]) & (dist >= 0)  # (n, L, L)
+        start_u = start[uniq]
+        valid = (cols >= start_u[:, None, None]) & (dist >= 0)  # (n, L, L)
         valid |= dist == 0  # a padding query sees itself, so no softmax row is empty (NaN)
-        e.cache.rows = rows_t
+        e.cache.rows = rows_t[uniq]
         try:
-            _logits(e, ids.to(dev), (cols - start[:, None]).clamp(min=0), valid[:, None], dist)
+            _logits(e, ids.to(dev), (cols - start_u[:, None]).clamp(min=0), valid[:, None], dist)
         finally:
             e.cache.rows = None
+        copies = [i for i in range(len(prompts)) if src[i] != i]
+        if copies:
+            e.cache.copy_rows(rows_t[[src[i] for i in copies]], rows_t[copies], width)
     s.uniforms.index_copy_(0, rows_t, uniforms.to(dev))
     s.start.index_copy_(0, rows_t, start)
     s.cur.index_fill_(0, rows_t, width)
@@ -298,12 +372,13 @@ def _prefill(e, rows, prompts, uniforms):
     s.active.index_fill_(0, rows_t, True)
 
 
-def _engine(model, n_prompts, batch_size, n_cols, max_new, temperature, top_p, eos, pad, cuda_graphs, compile):
+def _engine(model, n_prompts, batch_size, n_cols, max_new, temperature, top_p, eos, pad, cuda_graphs, compile,
+            budget):
     """The cached engine when the call matches it (weights refreshed, slots reset), else a new one."""
     global _cached
     base = hf_model(model)
-    key = (id(base), min(batch_size, n_prompts), n_cols, max_new, temperature, top_p, tuple(eos), pad, cuda_graphs,
-           compile)
+    want = min(AUTO_MAX_SLOTS if batch_size == "auto" else batch_size, n_prompts)
+    key = (id(base), want, n_cols, max_new, temperature, top_p, tuple(eos), pad, cuda_graphs, compile, budget)
     if _cached is not None and _cached[0] == key:
         e = _cached[1]
         if e.lm is not base:
@@ -312,7 +387,7 @@ def _engine(model, n_prompts, batch_size, n_cols, max_new, temperature, top_p, e
             t.zero_()
         return e
     release()
-    e = _build(model, min(batch_size, n_prompts), n_cols, max_new, temperature, top_p, eos, pad, cuda_graphs, compile)
+    e = _build(model, want, n_cols, max_new, temperature, top_p, eos, pad, cuda_graphs, compile, budget)
     _cached = (key, e)
     return e
 
@@ -337,19 +412,22 @@ def uniform_table(seeds: list[int], n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_tokens(model, prompt_ids, *, max_new_tokens, temperature, top_p, eos_token_ids, pad_token_id,
-                    batch_size, seeds, progress=None, cuda_graphs=True, compile=False):
+                    batch_size, seeds, progress=None, memory_gb=None, cuda_graphs=True, compile=False):
     """For each prompt: (new token ids without EOS, stopped at EOS?). seeds: one per prompt, its draws
-    (uniform_table). batch_size is the most slots decoded at once (fewer if the KV cache wouldn't
-    fit); progress(n) is told of n finished prompts. cuda_graphs / compile (CUDA only) are there to
-    switch the fast paths off when they misbehave."""
-    assert max_new_tokens >= 1 and batch_size >= 1, "max_new_tokens and batch_size must be >= 1"
+    (uniform_table). batch_size is the most slots decoded at once, or "auto": as many as the memory
+    holds, up to AUTO_MAX_SLOTS (fewer in either case if the KV cache wouldn't fit in the free
+    memory, or in memory_gb when given: the sampling copy, KV cache and workspace together).
+    progress(n) is told of n finished prompts. cuda_graphs / compile (CUDA only) are there to switch
+    the fast paths off when they misbehave."""
+    assert max_new_tokens >= 1 and (batch_size == "auto" or batch_size >= 1), "max_new_tokens and batch_size must be >= 1"
     assert all(map(len, prompt_ids)), "every prompt needs at least one token"
     assert len(seeds) == len(prompt_ids), "one seed per prompt"
     if not prompt_ids:
         return []
     n_cols = -(-(max(map(len, prompt_ids)) + max_new_tokens) // 64) * 64  # rounded: reuse across calls
+    budget = None if memory_gb is None else int(memory_gb * 2**30)
     e = _engine(model, len(prompt_ids), batch_size, n_cols, max_new_tokens, float(temperature), float(top_p),
-                list(eos_token_ids), pad_token_id, cuda_graphs, compile)
+                list(eos_token_ids), pad_token_id, cuda_graphs, compile, budget)
     was_training = e.lm.training
     e.lm.eval()  # sampling in place must not run LoRA dropout
     try:
@@ -363,6 +441,7 @@ def _run(e, prompt_ids, max_new, seeds, progress):
     table = uniform_table(seeds, max_new) if e.temperature > 0 else torch.zeros(len(prompt_ids), max_new)
     queue = deque(sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i])))  # longest first
     owner, left = [-1] * n_slots, [0] * n_slots  # prompt in each slot; decode steps it may still need
+    pos = [0] * n_slots  # a bound on each slot's cache column (`cur`), known without a host sync
     results = [None] * len(prompt_ids)
     while True:
         free = [b for b in range(n_slots) if owner[b] < 0]
@@ -373,16 +452,20 @@ def _run(e, prompt_ids, max_new, seeds, progress):
                 n = max(1, min(len(take), PREFILL_TOKENS // len(prompt_ids[take[0]])))
                 group, take, rows, free = take[:n], take[n:], free[:n], free[n:]
                 _prefill(e, rows, [prompt_ids[i] for i in group], table[group])
+                width = max(len(prompt_ids[i]) for i in group) - 1
                 for b, i in zip(rows, group):
-                    owner[b], left[b] = i, max_new
+                    owner[b], left[b], pos[b] = i, max_new, width
         busy = [b for b in range(n_slots) if owner[b] >= 0]
         if not busy:
             return results
         steps = min(SYNC_EVERY, max(left[b] for b in busy))
+        # these steps write and read columns up to max(pos) + steps - 1: attend to that many, rounded up
+        n_keys = min(e.cache.n_cols, -(-(max(pos[b] for b in busy) + steps) // KEY_BLOCK) * KEY_BLOCK)
         for _ in range(steps):
-            e.graph.replay() if e.graph is not None else _decode_step(e)
+            _step(e, n_keys)
         for b in busy:
             left[b] -= steps
+            pos[b] += steps
         active = s.active.tolist()  # the host sync
         done = [b for b in busy if not active[b]]
         if done:
@@ -390,6 +473,8 @@ def _run(e, prompt_ids, max_new, seeds, progress):
             outs, n_gen, eos = s.out[idx].tolist(), s.n_gen[idx].tolist(), s.eos_hit[idx].tolist()
             for j, b in enumerate(done):
                 results[owner[b]] = (outs[j][: n_gen[j]], eos[j])
-                owner[b] = -1
+                owner[b], pos[b] = -1, 0
+            s.cur.index_fill_(0, idx, 0)  # an idle slot sits at column 0, inside any n_keys
+            s.start.index_fill_(0, idx, 0)
             if progress is not None:
                 progress(len(done))

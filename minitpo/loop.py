@@ -113,13 +113,18 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     main = dist.is_main()
 
     def stage(name, path, work):
-        """Run `work()` unless its output file exists; record its wall time and the processes it ran on."""
+        """Run `work()` unless its output file exists; record its wall time, the processes it ran on and,
+        on a GPU, the most memory torch held during it (this rank's)."""
         if not dist.broadcast(Path(path).exists()):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             work()  # every rank; rank 0 writes `path`
             dist.barrier()
             times[name] = round(time.perf_counter() - t0, 2)
             times["world_size"] = dist.world_size()
+            if torch.cuda.is_available():
+                times.setdefault("peak_gpu_gib", {})[name] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         elif name not in times:  # killed between writing the output and its time: the time is lost
             times[name] = None
         else:
@@ -208,7 +213,7 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
 
     if not main:
         return {}
-    stage_times = {k: v for k, v in times.items() if k != "world_size"}
+    stage_times = {k: v for k, v in times.items() if k not in ("world_size", "peak_gpu_gib")}
     return summarize(t, candidates, scores, pair_rows, io.read_jsonl(it / "train_log.jsonl"),
                      io.read_json(it / "train_summary.json"), io.read_json(it / "judge_stats.json"), stage_times,
                      marker=template.marker)

@@ -26,6 +26,9 @@ from tqdm import tqdm
 from minitpo.prompts import Template, build_prompt, split_output
 
 
+GENERATE_AUTO_BATCH = 64  # sampling.engine generate with batch_size auto
+
+
 @dataclass(frozen=True)
 class Candidate:
     instruction_id: int
@@ -79,6 +82,7 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg, s
                 model, job_prompts, max_new_tokens=max_new_tokens, temperature=cfg.temperature,
                 top_p=cfg.top_p, eos_token_ids=eos_token_ids(model, tokenizer),
                 pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, seeds=seeds, progress=bar.update,
+                memory_gb=cfg.memory_gb,
             )
         return [_stop(tokenizer, new_ids, hit_eos, cfg.stop) for new_ids, hit_eos in outputs]
 
@@ -141,14 +145,15 @@ def _stop(tokenizer, new_ids: list[int], hit_eos: bool, stops) -> tuple[str, int
 
 @torch.no_grad()
 def generate_tokens(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-                    top_p: float, eos_token_ids: list[int], pad_token_id: int, batch_size: int,
-                    seeds: list[int], progress=None) -> list[tuple[list[int], bool]]:
+                    top_p: float, eos_token_ids: list[int], pad_token_id: int, batch_size: int | str,
+                    seeds: list[int], progress=None, memory_gb=None) -> list[tuple[list[int], bool]]:
     """Transformers `generate`, batched: for each prompt, (new token ids without EOS, hit EOS).
 
     Prompts are sorted by length so that each batch pads little; left padding keeps every prompt's
     last token at the same position, where generation starts. The draw is the engine's (temperature,
     top-p, inverse CDF from the prompt's own seeded uniforms), run as a logits processor under greedy
-    decoding, so that a sequence's tokens do not depend on its batch, as in the engine."""
+    decoding, so that a sequence's tokens do not depend on its batch, as in the engine. batch_size
+    "auto" is GENERATE_AUTO_BATCH; memory_gb is not used (generate grows its cache as it goes)."""
     from transformers import LogitsProcessorList
 
     from minitpo.engine import uniform_table
@@ -156,6 +161,7 @@ def generate_tokens(model, prompt_ids: list[list[int]], *, max_new_tokens: int, 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    batch_size = GENERATE_AUTO_BATCH if batch_size == "auto" else batch_size
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     results: list = [None] * len(prompt_ids)
     for start in range(0, len(order), batch_size):

@@ -37,6 +37,7 @@ RANGE = [  # (override, key named in the message): every numeric key out of its 
     ("sampling.k=1", "sampling.k"), ("sampling.temperature=-1", "sampling.temperature"),
     ("sampling.top_p=0", "sampling.top_p"), ("sampling.max_new_tokens=0", "sampling.max_new_tokens"),
     ("sampling.batch_size=0", "sampling.batch_size"), ("sampling.thought_tokens=64", "sampling.thought_tokens"),
+    ("sampling.batch_size=lots", "sampling.batch_size"), ("sampling.memory_gb=0", "sampling.memory_gb"),
     ("sampling.seed=-1", "sampling.seed"), ("data.per_iteration=0", "data.per_iteration"),
     ("data.held_out=-1", "data.held_out"), ("data.seed=-1", "data.seed"), ("policy.lora_r=0", "policy.lora_r"),
     ("policy.lora_alpha=0", "policy.lora_alpha"), ("policy.lora_dropout=1", "policy.lora_dropout"),

@@ -106,7 +106,7 @@ def test_greedy_matches_generate_lora_and_follows_updates():
 def test_in_place_sampling_matches_generate(monkeypatch):
     """When the GPU can't hold a dense copy the policy samples in place (LoRA unmerged); it must be
     put in eval mode for sampling (LoRA dropout off) and handed back in the mode it came in."""
-    monkeypatch.setattr(engine, "_plan", lambda base, want, n_cols, device: (False, want))
+    monkeypatch.setattr(engine, "_plan", lambda base, want, n_cols, device, budget=None: (False, want))
     model = lora(tiny("qwen2"), dropout=0.5)
     eos = pick_eos(model, PROMPTS)
     expected = hf_greedy(model, PROMPTS, eos)
@@ -263,3 +263,72 @@ def test_a_sequence_draws_from_its_own_seed_whatever_its_batch():
     other = generate_tokens(model, PROMPTS, batch_size=8, seeds=[s + 1000 for s in seeds], **kw)
     assert sum(a != b for a, b in zip(other, together)) >= 6
     release()
+
+
+# ---------------------------------------------------------------- memory, shared prefill, filled columns
+
+GB = 2**30
+
+
+def test_fit_slots_sizes_from_memory_within_a_cap():
+    """Qwen2.5-1.5B's shape in bf16 with 1,024 + 128 columns: ~38 MB a slot, a 3.1 GB sampling copy."""
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                      vocab_size=151936)
+    per_slot = engine.slot_bytes(cfg, 1152, 2)
+    assert per_slot == 2 * 28 * 2 * 128 * 1152 * 2 + 32 * 151936
+    copy = int(3.1 * GB)
+    assert engine.fit_slots(40 * GB, copy, per_slot, 256) == (True, 256)  # an H100's free memory: the cap
+    use_copy, slots = engine.fit_slots(40 * GB, copy, per_slot, 256, budget=12 * GB)  # a 12 GB budget
+    assert use_copy and copy + slots * per_slot <= 12 * GB < copy + (slots + 1) * per_slot and slots == 252
+    use_copy, slots = engine.fit_slots(5 * GB, copy, per_slot, 256)  # no room for 64 slots beside a copy
+    assert not use_copy and slots == 5 * GB // per_slot == 141
+    assert engine.fit_slots(1, copy, per_slot, 256) == (False, 1)  # never below one slot
+
+
+def test_auto_batch_size_follows_the_memory_budget():
+    """batch_size auto with memory_gb for 3 slots (no room for a dense copy: the policy samples in
+    place): 3 slots, refilled, the same tokens; without a cap, one slot per prompt."""
+    model = tiny("llama")
+    eos = pick_eos(model, PROMPTS)
+    expected = engine_greedy(model, PROMPTS, eos, batch_size=8)
+    n_cols = -(-(max(map(len, PROMPTS)) + MAX_NEW) // 64) * 64
+    budget = 3 * engine.slot_bytes(model.config, n_cols, 4) + 100
+    out = generate_tokens(model, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0, eos_token_ids=eos,
+                          pad_token_id=PAD, batch_size="auto", seeds=[0] * 8, memory_gb=budget / GB)
+    assert out == expected and engine._cached[1].slots.cur.shape[0] == 3 and engine._cached[1].lm is model
+    generate_tokens(model, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0, eos_token_ids=eos,
+                    pad_token_id=PAD, batch_size="auto", seeds=[0] * 8)
+    assert engine._cached[1].slots.cur.shape[0] == 8  # the host's free memory: every prompt at once
+    release()
+
+
+def test_copies_of_a_prompt_share_one_prefill():
+    """4 copies of each of 3 prompts (the K candidates of 3 instructions), each copy with its own seed:
+    3 prefilled rows, not 12, and every copy's tokens equal to its own run alone."""
+    model = tiny("gemma3")  # sliding-window layers: the copied columns feed both kinds of layer
+    prompts = [p for p in PROMPTS[:3] for _ in range(4)]
+    seeds = list(range(12))
+    kw = dict(max_new_tokens=MAX_NEW, temperature=2.0, top_p=1.0, eos_token_ids=[], pad_token_id=PAD)  # flat: varied
+    shared = generate_tokens(model, prompts, batch_size=12, seeds=seeds, **kw)
+    assert engine._cached[1].prefill_rows == 3
+    alone = [generate_tokens(model, [p], batch_size=1, seeds=[s], **kw)[0] for p, s in zip(prompts, seeds)]
+    assert shared == alone
+    assert len({tuple(t) for t, _ in shared[:4]}) > 1, "the copies must sample different tokens"
+    release()
+
+
+def test_decode_reads_only_the_filled_columns(monkeypatch):
+    """With 16-column blocks, decode attends to 16, 32, ... columns as sequences grow, never the whole
+    cache, and greedy tokens still equal generate's (every architecture, a LoRA included)."""
+    monkeypatch.setattr(engine, "KEY_BLOCK", 16)
+    widths = []
+    step = engine._step
+    monkeypatch.setattr(engine, "_step", lambda e, n_keys: (widths.append((n_keys, e.cache.n_cols)), step(e, n_keys)))
+    for model in (tiny("llama"), tiny("gemma3"), lora(tiny("qwen2"))):
+        eos = pick_eos(model, PROMPTS)
+        assert engine_greedy(model, PROMPTS, eos, batch_size=3) == hf_greedy(model, PROMPTS, eos)
+        release()
+    assert {w for w, _ in widths} >= {16, 32} and all(w <= n for w, n in widths)
+    assert any(w < n for w, n in widths)
