@@ -15,6 +15,7 @@ pairs of dimensions, transformers' rotates halves), and Gemma's RMSNorm weights 
 (transformers computes x * (1 + w), llama.cpp x * w). Tensor names come from gguf's own map.
 """
 
+import functools
 import json
 from pathlib import Path
 
@@ -73,11 +74,19 @@ def to_gguf_layout(name: str, x: np.ndarray, arch: str, config) -> np.ndarray:
     return x
 
 
-def gguf_name(hf_name: str, arch: str, config) -> str:
+@functools.cache
+def _name_map(arch: str, n_layers: int):
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
-    name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def gguf_name(hf_name: str, arch: str, config) -> str:
+    name = _name_map(arch, config.num_hidden_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise UserError(f"export --gguf: tensor {hf_name!r} has no GGUF name for {arch}; "
                         "use the plain `minitpo export PATH OUT` folder instead")
@@ -142,7 +151,7 @@ def _rope(config, layer_type: str = "full_attention") -> dict:
 def _write_config(writer, config, arch: str) -> None:
     import gguf
 
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -188,7 +197,7 @@ def llama3_rope_freqs(config) -> np.ndarray:
     """The `rope_freqs.weight` factors llama.cpp divides the rope frequencies by for Llama 3.1-style
     scaling (rope_type llama3), as convert_hf_to_gguf.py computes them."""
     rope = _rope(config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     freqs = 1.0 / rope["theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old = rope["original_max_position_embeddings"]
@@ -271,9 +280,7 @@ def write_model_gguf(model, tokenizer, out: Path, arch: str, qtype: str, source_
     import gguf
 
     tensors = model_tensors(model, arch)
-    writer = gguf.GGUFWriter(str(out), arch)
-    for key, value in (extra or {}).items():
-        writer.add_string(key, value)
+    writer = _writer(out, arch, extra)
     if source_gguf is not None:
         reader = gguf.GGUFReader(source_gguf)
         _copy_metadata(writer, reader)
@@ -330,15 +337,23 @@ def write_lora_gguf(peft_model, out: Path, arch: str, extra: dict[str, str] | No
     import gguf
 
     tensors, alpha = lora_tensors(peft_model, arch)
-    writer = gguf.GGUFWriter(str(out), arch)
-    for key, value in (extra or {}).items():
-        writer.add_string(key, value)
+    writer = _writer(out, arch, extra)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     for name, x in tensors.items():
         writer.add_tensor(name, np.ascontiguousarray(x, dtype=np.float32))
     _finish(writer)
+
+
+def _writer(out: Path, arch: str, extra: dict[str, str] | None):
+    """A GGUFWriter for `out` holding the `extra` string keys."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(out), arch)
+    for key, value in (extra or {}).items():
+        writer.add_string(key, value)
+    return writer
 
 
 def _finish(writer) -> None:

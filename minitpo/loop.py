@@ -38,7 +38,7 @@ from minitpo.data import Instruction, load_instructions, split_instructions
 from minitpo.errors import UserError
 from minitpo.judges.llama import load_prompt_template
 from minitpo.model import enable_checkpointing, load_policy, pick_device, save_adapter
-from minitpo.pairs import Pair, auto_rho, build_pairs, control_length
+from minitpo.pairs import Pair, auto_rho, build_pairs, by_instruction, control_length
 from minitpo.prompts import load_template
 from minitpo.sample import Candidate, eos_token_ids, sample_candidates
 from minitpo.judges import merge_caches, merge_stats, rank_cache, score_candidates
@@ -150,10 +150,8 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     def judge():
         policy.free_cache()
         parsed = [c for c in candidates if c.parsed]
-        by_instruction: dict[int, list] = {}  # a rank judges whole instructions (pairwise needs the group)
-        for c in parsed:
-            by_instruction.setdefault(c.instruction_id, []).append(c)
-        mine = [c for group in dist.shard(list(by_instruction.values())) for c in group]
+        # a rank judges whole instructions (pairwise needs the group)
+        mine = [c for group in dist.shard(by_instruction(parsed)) for c in group]
         cache = rank_cache(it / "judge_cache.jsonl", dist.rank())
         mine_scores, mine_stats = score_candidates(recipe.judge, mine, cache, progress=main)
         scored = dist.gather([list(zip(mine, mine_scores))])

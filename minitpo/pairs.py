@@ -42,7 +42,7 @@ def control_length(candidates, raw: dict[tuple[int, int], float], rho: float) ->
     """Length-controlled score s_i for every parsed candidate, normalised within its instruction.
     Keys are (instruction_id, candidate index); response length is counted in characters."""
     final = {}
-    for group in _by_instruction(candidates):
+    for group in by_instruction(candidates):
         parsed = [c for c in group if c.parsed]
         if parsed:
             keys = [(c.instruction_id, c.index) for c in parsed]
@@ -60,7 +60,7 @@ def build_pairs(candidates, raw: dict[tuple[int, int], float], final: dict[tuple
     determinism). No pair when no candidate parsed, or when the judge gave every parsed candidate the
     same score and there is no failure to reject."""
     pairs = []
-    for group in _by_instruction(candidates):
+    for group in by_instruction(candidates):
         parsed = [c for c in group if c.parsed]
         failed = [c for c in group if not c.parsed]
         if not parsed:
@@ -107,7 +107,8 @@ def pair_lengths(candidates, pairs) -> tuple[list[int], list[int]]:
             [length[(p.instruction_id, p.rejected_index)] for p in kept])
 
 
-def _by_instruction(candidates) -> list[list]:
+def by_instruction(candidates) -> list[list]:
+    """The candidates grouped by instruction, in the order the instructions first appear."""
     groups: dict[int, list] = {}
     for c in candidates:
         groups.setdefault(c.instruction_id, []).append(c)

@@ -195,11 +195,12 @@ class _Draw:
     returned as the only finite score, so that generate's greedy step takes it."""
 
     def __init__(self, uniforms, width: int, temperature: float, top_p: float):
-        self.uniforms, self.width, self.temperature, self.top_p = uniforms, width, temperature, top_p
-
-    def __call__(self, input_ids, scores):
         from minitpo.engine import sample_next
 
+        self.uniforms, self.width, self.temperature, self.top_p = uniforms, width, temperature, top_p
+        self.sample_next = sample_next
+
+    def __call__(self, input_ids, scores):
         step = input_ids.shape[1] - self.width  # the index of the token drawn now
-        nxt = sample_next(scores.float(), self.temperature, self.top_p, self.uniforms[:, step])
+        nxt = self.sample_next(scores.float(), self.temperature, self.top_p, self.uniforms[:, step])
         return torch.full_like(scores, float("-inf")).scatter_(1, nxt[:, None], 0.0)

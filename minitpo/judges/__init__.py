@@ -20,6 +20,7 @@ for the judge a recipe names.
 from pathlib import Path
 
 from minitpo import io
+from minitpo.pairs import by_instruction
 
 CHUNK = 256  # judgements between cache writes: a kill loses at most this much judge work
 
@@ -118,17 +119,14 @@ def _score_pairwise(cfg, parsed, cache_path: Path, progress: bool = True) -> tup
     from minitpo.judges.pairwise import judge_pairwise
 
     cache = {(r["instruction"], r["first"], r["second"]): r["verdict"] for r in io.read_jsonl(cache_path, missing_ok=True)}
-    groups: dict[int, list] = {}
-    for c in parsed:
-        groups.setdefault(c.instruction_id, []).append(c)
+    groups = by_instruction(parsed)
     scores, consistent, n_pairs, n_cut = {}, 0.0, 0, 0
-    items = list(groups.items())
     per_chunk = max(1, CHUNK // 16)  # groups per chunk (a group of K responses is K(K-1) judgements)
-    for start in range(0, len(items), per_chunk):
-        chunk = items[start:start + per_chunk]
-        group_scores, stats = judge_pairwise(cfg, [(cs[0].instruction, [c.response for c in cs]) for _, cs in chunk],
+    for start in range(0, len(groups), per_chunk):
+        chunk = groups[start:start + per_chunk]
+        group_scores, stats = judge_pairwise(cfg, [(cs[0].instruction, [c.response for c in cs]) for cs in chunk],
                                              progress=progress, cache=cache)
-        for (_, cs), s in zip(chunk, group_scores):
+        for cs, s in zip(chunk, group_scores):
             scores.update({(c.instruction_id, c.index): v for c, v in zip(cs, s)})
         pairs = stats.get("pairs_judged", 0)
         consistent += stats.get("position_consistency", 0.0) * pairs
