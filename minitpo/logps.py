@@ -170,6 +170,9 @@ def sequence_logps(
     base = hf_model(model)
     assert hasattr(base, "model"), f"{type(base).__name__} has no decoder body at .model"
     weight, softcap = _lm_head_weight_and_softcap(base)
+    device_type = input_ids.device.type
+    if torch.is_autocast_enabled(device_type) and not weight.requires_grad:
+        weight = weight.to(torch.get_autocast_dtype(device_type))  # the LM head's matmul, as autocast would run it
     # Which rows of the flattened (B * T, H) hidden states predict a scored token: row b * T + t predicts
     # token t + 1 of sequence b. Found before the body runs: nonzero() waits for the GPU, and here it has
     # nothing queued; after the forward, the wait would idle the GPU while the CPU launches the backward.

@@ -25,6 +25,13 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16); elsewhere torch emulates
+    bf16 matmuls, slower than float32. torch's own CPU-feature probes (private, hence the getattr)."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def compute_dtype(cfg: PolicyConfig, device: str) -> torch.dtype:
     if cfg.dtype == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32

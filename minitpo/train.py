@@ -26,7 +26,7 @@ from minitpo import dist
 from minitpo.config import TrainConfig
 from minitpo.logps import sequence_logps
 from minitpo.loss import nll_loss, preference_loss
-from minitpo.model import load_trainable_state, trainable_state
+from minitpo.model import cpu_has_native_bf16, load_trainable_state, trainable_state
 
 MIN_PROMPT_TOKENS = 16  # a pair that would keep fewer prompt tokens than this is skipped instead
 
@@ -81,16 +81,27 @@ def collate(examples: list[Example], pad_id: int):
     return input_ids, attention_mask, completion_mask
 
 
-def _autocast(device: str):
-    # bf16 autocast on CUDA halves activation memory; on CPU we stay in float32 (bf16 matmuls are slow there).
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+def autocast_dtype(cfg: TrainConfig, device: str) -> torch.dtype | None:
+    """What `train.autocast` means on this device: bf16 autocast on CUDA (half the activation memory)
+    and on a CPU with native bf16 matmuls; None (the weights' own dtype) on other CPUs, where bf16
+    matmuls are emulated and slow."""
+    if cfg.autocast == "none":
+        return None
+    if cfg.autocast == "bfloat16" or device == "cuda" or cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
 
 
-def _forward(model, examples, pad_id, device, chunk):
+def _autocast(cfg: TrainConfig, device: str):
+    dtype = autocast_dtype(cfg, device)
+    return torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _forward(model, examples, pad_id, cfg: TrainConfig, device):
     """(logps (2B,), n_tokens (2B,)) for the chosen rows then the rejected rows."""
     input_ids, attention_mask, completion_mask = (t.to(device) for t in collate(examples, pad_id))
-    with _autocast(device):
-        return sequence_logps(model, input_ids, attention_mask, completion_mask, chunk_size=chunk)
+    with _autocast(cfg, device):
+        return sequence_logps(model, input_ids, attention_mask, completion_mask, chunk_size=cfg.logps_chunk)
 
 
 @torch.no_grad()
@@ -101,7 +112,7 @@ def reference_logps(model, examples: list[Example], pad_id: int, cfg: TrainConfi
     out = []
     for batch in tqdm(_length_batches(examples, cfg.batch_size), desc="reference", unit="batch", dynamic_ncols=True,
                       disable=not dist.is_main()):
-        logps, _ = _forward(model, [examples[i] for i in batch], pad_id, device, cfg.logps_chunk)
+        logps, _ = _forward(model, [examples[i] for i in batch], pad_id, cfg, device)
         b = len(batch)
         out += [(i, logps[j].item(), logps[b + j].item()) for j, i in enumerate(batch)]
     model.train(was_training)
@@ -135,7 +146,7 @@ METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_accuracy", "margi
 
 def _batch_loss(model, examples, refs, pad_id, cfg: TrainConfig, device):
     """(mean loss over the batch, (5,) tensor of METRICS summed over it). refs: (B, 2) reference log-probs."""
-    logps, n_tokens = _forward(model, examples, pad_id, device, cfg.logps_chunk)
+    logps, n_tokens = _forward(model, examples, pad_id, cfg, device)
     b = len(examples)
     ref = torch.tensor(refs, dtype=torch.float32, device=logps.device)
     losses, chosen_rewards, rejected_rewards = preference_loss(
@@ -230,5 +241,6 @@ def train_adapter(model, examples: list[Example], refs: list[tuple[float, float]
     if best is not None and best[1] != cfg.epochs:
         load_trainable_state(model, best[2])  # the paper keeps the best epoch, not the last
         best_epoch = best[1]
+    dtype = autocast_dtype(cfg, device)
     return {"n_train_pairs": len(train_ex), "n_val_pairs": len(val_ex), "updates": update,
-            "epochs": epochs, "best_epoch": best_epoch}
+            "epochs": epochs, "best_epoch": best_epoch, "autocast": str(dtype).removeprefix("torch.") if dtype else None}

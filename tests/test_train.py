@@ -1,5 +1,7 @@
 """The adapter update (minitpo/train.py) on the tiny policy with a real NF4 base."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -66,3 +68,36 @@ def test_one_epoch_lowers_the_loss_changes_adapter_not_base(setup):
     params = dict(model.named_parameters())
     assert any(not torch.equal(params[n], v) for n, v in lora.items())
     assert all(torch.equal(params[n], v) for n, v in frozen.items())  # NF4 base, norms, embeddings
+
+
+def test_autocast_setting_resolves_per_device(monkeypatch):
+    import minitpo.train as train
+
+    assert train.autocast_dtype(TrainConfig(autocast="none"), "cuda") is None
+    assert train.autocast_dtype(TrainConfig(autocast="bfloat16"), "cpu") == torch.bfloat16
+    assert train.autocast_dtype(TrainConfig(), "cuda") == torch.bfloat16
+    for native in (True, False):  # auto on a CPU follows its bf16 hardware, whichever CPU runs this test
+        monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
+        assert train.autocast_dtype(TrainConfig(), "cpu") == (torch.bfloat16 if native else None)
+
+
+def test_bf16_autocast_on_cpu_scores_close_to_float32_and_trains():
+    """Both CPU paths, whatever this CPU has: bf16 autocast really runs (the numbers differ from
+    float32), stays within bf16 rounding of them, and one epoch lowers the loss with float32 LoRA weights."""
+    model, tokenizer = load_policy(PolicyConfig(model=str(TINY / "policy"), quantization="nf4", lora_r=8,
+                                                lora_dropout=0.0), device="cpu")
+    fp32 = TrainConfig(lr=5e-3, epochs=1, batch_size=4, max_length=128, warmup_ratio=0.0, schedule="constant",
+                       autocast="none")
+    bf16 = dataclasses.replace(fp32, autocast="bfloat16")
+    examples, _ = tokenize_pairs(tokenizer, make_pairs(), fp32.max_length, tokenizer.eos_token_id)
+    ref32 = reference_logps(model, examples, tokenizer.pad_token_id, fp32, "cpu")
+    ref16 = reference_logps(model, examples, tokenizer.pad_token_id, bf16, "cpu")
+    flat32, flat16 = torch.tensor(ref32).flatten(), torch.tensor(ref16).flatten()
+    assert not torch.equal(flat32, flat16), "bf16 autocast must change the arithmetic"
+    assert torch.allclose(flat16, flat32, rtol=0.02, atol=0.1)
+    before = evaluate(model, examples, ref16, tokenizer.pad_token_id, bf16, "cpu")["loss"]
+    assert before == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-5)  # policy = reference, same path
+    summary = train_adapter(model, examples, ref16, tokenizer.pad_token_id, bf16, "cpu")
+    assert evaluate(model, examples, ref16, tokenizer.pad_token_id, bf16, "cpu")["loss"] < before
+    assert summary["autocast"] == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
