@@ -10,7 +10,6 @@ the loss per update.
 """
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -29,8 +28,7 @@ def main():
     recipe = load_recipe(str(args.iteration.parent / "recipe.yaml"), args.overrides)
     model, tokenizer = load_policy(recipe.policy)
     rows = [json.loads(line) for line in (args.iteration / "pairs.jsonl").read_text().splitlines()]
-    fields = {f.name for f in dataclasses.fields(Pair)}
-    pairs = [Pair(**{k: v for k, v in r.items() if k in fields}) for r in rows]
+    pairs = [Pair.from_row(r) for r in rows]
     examples, _ = tokenize_pairs(tokenizer, pairs, recipe.train.max_length, tokenizer.eos_token_id)
     kept = [e for e in examples if e is not None]
     device = str(next(model.parameters()).device.type)

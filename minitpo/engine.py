@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from minitpo.dense import build_sampling_model, load_dense_weights
-from minitpo.model import hf_model
+from minitpo.model import attention_head_dim, hf_model
 
 SYNC_EVERY = 16  # decode steps between host syncs; a finished slot idles at most this long
 AUTO_MAX_SLOTS = 256  # batch_size "auto": at most this many slots (20,299 tok/s at 256 on an H100, above)
@@ -189,8 +189,7 @@ def slot_bytes(config, n_cols: int, elem_bytes: int) -> int:
     """Memory of one slot: its K and V for every layer over n_cols columns, and its share of the
     sampling workspace (fp32 logits, sort, cumsum over the vocabulary)."""
     cfg = config.get_text_config()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * n_cols * elem_bytes \
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * attention_head_dim(cfg) * n_cols * elem_bytes \
         + WORKSPACE_PER_VOCAB * cfg.vocab_size
 
 

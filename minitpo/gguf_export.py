@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from minitpo.errors import UserError
+from minitpo.model import attention_head_dim
 
 ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Gemma3ForCausalLM": "gemma3"}
 TYPES = ("f16", "q8_0", "f32")
@@ -79,10 +80,6 @@ def _name_map(arch: str, n_layers: int):
     import gguf
 
     return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def gguf_name(hf_name: str, arch: str, config) -> str:
@@ -151,7 +148,7 @@ def _rope(config, layer_type: str = "full_attention") -> dict:
 def _write_config(writer, config, arch: str) -> None:
     import gguf
 
-    head_dim = _head_dim(config)
+    head_dim = attention_head_dim(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -197,7 +194,7 @@ def llama3_rope_freqs(config) -> np.ndarray:
     """The `rope_freqs.weight` factors llama.cpp divides the rope frequencies by for Llama 3.1-style
     scaling (rope_type llama3), as convert_hf_to_gguf.py computes them."""
     rope = _rope(config)
-    head_dim = _head_dim(config)
+    head_dim = attention_head_dim(config)
     freqs = 1.0 / rope["theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old = rope["original_max_position_embeddings"]

@@ -196,7 +196,7 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     def train():
         model, tokenizer = policy.at(t - 1)
         rows = [r for r in pair_rows if not r["skipped"]]
-        pairs = [Pair(**{k: r[k] for k in Pair.__dataclass_fields__}) for r in rows]
+        pairs = [Pair.from_row(r) for r in rows]
         examples, _ = tokenize_pairs(tokenizer, pairs, recipe.train.max_length, policy.eos_id)
         refs = [(r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in rows]
         log_rows = []

@@ -6,6 +6,7 @@ DPO is never loaded separately: reference log-probs are computed once per iterat
 model before training (see train.py), so only one copy of the base ever sits in memory.
 """
 
+import functools
 import hashlib
 import logging
 import os
@@ -25,6 +26,12 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def attention_head_dim(config) -> int:
+    """Per-head width of an attention config: its own head_dim (Gemma sets one), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16); elsewhere torch emulates
     bf16 matmuls, slower than float32. torch's own CPU-feature probes (private, hence the getattr)."""

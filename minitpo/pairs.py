@@ -22,6 +22,11 @@ class Pair:
     rejected_parsed: bool
     rejected_truncated: bool  # no EOS is appended to a truncated output when training
 
+    @classmethod
+    def from_row(cls, row: dict) -> "Pair":
+        """The pair of one pairs.jsonl row (which also holds the reference log-probs and flags)."""
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__})
+
 
 def normalise(values: list[float]) -> list[float]:
     """Zero mean, unit (population) std; all zeros when every value is the same."""
