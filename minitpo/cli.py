@@ -76,18 +76,21 @@ def report(run_dir):
 @click.option("--against", default="seed", show_default=True,
               help="The model to compare with: seed (the base model, no adapter), iter-N, or another run's "
                    "iteration folder (e.g. runs/demo-direct/iter-2: TPO against the direct baseline).")
-def eval_(run_dir, model, against):
+@click.option("--samples", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Outputs per held-out instruction and model; the interval resamples instructions.")
+def eval_(run_dir, model, against, samples):
     """Win rate of --model against --against on RUN_DIR/held_out.jsonl.
 
-    Each model writes one output per held-out instruction (its own run's thought template, temperature
-    and sampling seed); RUN_DIR's judge sees the responses only: a GGUF judge compares them in both
+    Each model writes --samples outputs per held-out instruction (its own run's thought template,
+    temperature and sampling seed), and reports how often it wrote the thought marker itself (not
+    appended by sampling.force_marker); RUN_DIR's judge sees the responses only: a GGUF judge compares them in both
     orders, a pointwise judge scores each and the higher wins. A format failure loses to a parsed
     response; ties count half. Also a length-controlled win rate (the verdict regressed on the length
     difference, read at zero difference). Writes RUN_DIR/eval/MODEL-vs-AGAINST.json
     (win rates, 95% bootstrap intervals, parse rates, lengths, per category) and a .jsonl of the rows."""
     from minitpo.evaluate import evaluate, summary_text
 
-    click.echo(summary_text(evaluate(run_dir, model, against)))
+    click.echo(summary_text(evaluate(run_dir, model, against, samples)))
 
 
 @cli.command()

@@ -40,6 +40,11 @@ class ThoughtConfig:
     template: str = "generic"  # generic | specific | direct (no thought) | path to a template file
     marker: str | None = None  # for a template file: the text after which the response starts
     system_prompt: bool = False  # put the thought instructions in the system prompt (paper variant)
+    min_words: int = 0  # an output whose thought has fewer words is a format failure (rejected, never
+    #   chosen); forcing never appends the marker to a shorter one. 0: thoughts are optional, as in the paper
+
+    def __post_init__(self):
+        _check(self.min_words >= 0, "thought.min_words", self.min_words, "use 0 (no minimum) or more")
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,10 @@ class SamplingConfig:
     #   before the marker gets it appended and goes on to its response (s1-style budget forcing), for
     #   small models that do not write the format by themselves. Off in the paper's recipes
     thought_tokens: int | None = None  # with force_marker: the thought's budget; null = half of max_new_tokens
+    unforced: int = 0  # with force_marker: the last this many of each instruction's K are never forced, so
+    #   that an output without the marker is a format failure and the rejected side of its pair (the
+    #   paper's rule): the preference DPO needs to learn the marker. Forcing shrinks by itself as the
+    #   model writes the marker more often: an output that has it is never forced
 
     def __post_init__(self):
         _check(self.k >= 2, "sampling.k", self.k, "use 2 or more: a pair needs two candidates")
@@ -84,6 +93,8 @@ class SamplingConfig:
         _check(all(self.stop), "sampling.stop", list(self.stop), "remove the empty text: it would stop every output at once")
         _check(self.thought_tokens is None or 1 <= self.thought_tokens < self.max_new_tokens,
                "sampling.thought_tokens", self.thought_tokens, "use 1 to max_new_tokens - 1, or null")
+        _check(0 <= self.unforced < self.k, "sampling.unforced", self.unforced,
+               f"use 0 to k - 1 ({self.k - 1}): at least one candidate per instruction may be forced")
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,9 @@ class _Slots:
     uniforms: torch.Tensor  # (B, max_new) fp32: column n is the draw of the slot's n-th new token
     out: torch.Tensor  # (B, max_new) new tokens
     eos_ids: torch.Tensor  # (E,)
+    is_stop: torch.Tensor  # (V,) bool: the token ends a sequence once it has written text (stop_ids)
+    is_blank: torch.Tensor  # (V,) bool: the token writes only whitespace (or nothing)
+    wrote: torch.Tensor  # (B,) bool: the slot has drawn a token that is not blank
 
 
 @dataclass
@@ -216,7 +219,8 @@ def _plan(base, want, n_cols, device, budget=None):
     return fit_slots(_free_bytes(device), elem * n_params, slot_bytes(base.config, n_cols, elem), want, budget)
 
 
-def _build(model, n_slots, n_cols, max_new, temperature, top_p, eos_ids, pad_id, cuda_graphs, compile, budget=None):
+def _build(model, n_slots, n_cols, max_new, temperature, top_p, eos_ids, pad_id, cuda_graphs, compile, budget=None,
+           stop=((), ())):
     base = hf_model(model)
     device = next(base.parameters()).device
     use_copy, n_slots = _plan(base, n_slots, n_cols, device, budget)
@@ -231,7 +235,8 @@ def _build(model, n_slots, n_cols, max_new, temperature, top_p, eos_ids, pad_id,
     slots = _Slots(z(), z(), z(), z(), z(torch.bool), z(torch.bool),
                    torch.zeros(n_slots, max_new, dtype=torch.float, device=device),
                    torch.zeros(n_slots, max_new, dtype=torch.long, device=device),
-                   torch.tensor(eos_ids, dtype=torch.long, device=device))
+                   torch.tensor(eos_ids, dtype=torch.long, device=device),
+                   *_token_flags(stop, base.get_output_embeddings().weight.shape[0], device), z(torch.bool))
     cfg = lm.config.get_text_config()
     kinds = frozenset(getattr(cfg, "layer_types", None) or ["full_attention"])
     cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
@@ -243,6 +248,14 @@ def _build(model, n_slots, n_cols, max_new, temperature, top_p, eos_ids, pad_id,
     if cuda_graphs and device.type == "cuda":
         e.graphs, e.pool = {}, torch.cuda.graph_pool_handle()
     return e
+
+
+def _token_flags(stop, vocab: int, device):
+    """(is_stop, is_blank), each (V,) bool, from (stop_ids, blank_ids)."""
+    flags = torch.zeros(2, vocab, dtype=torch.bool)
+    for row, ids in enumerate(stop):
+        flags[row, list(ids)] = True
+    return flags[0].to(device), flags[1].to(device)
 
 
 def _step(e, n_keys: int) -> None:
@@ -323,10 +336,14 @@ def _decode_step(e):
     nxt = sample_next(logits, e.temperature, e.top_p, s.uniforms.gather(1, col).squeeze(1))  # (B,)
     is_eos = (nxt[:, None] == s.eos_ids).any(-1) & s.active
     keep = s.active & ~is_eos
+    # a stop token is kept (the caller cuts the text at the stop), and only ends a slot that has written
+    # text before it: the caller's cut skips leading whitespace, so an earlier stop would not be one
+    is_stop = s.is_stop[nxt] & s.wrote & keep
+    s.wrote.logical_or_(keep & ~s.is_blank[nxt])
     s.out.scatter_(1, col, torch.where(keep[:, None], nxt[:, None], s.out.gather(1, col)))
     s.n_gen.add_(keep.long())
-    s.eos_hit.logical_or_(is_eos)
-    s.active.logical_and_(~is_eos & (s.n_gen < s.out.shape[1]))
+    s.eos_hit.logical_or_(is_eos | is_stop)
+    s.active.logical_and_(~is_eos & ~is_stop & (s.n_gen < s.out.shape[1]))
     s.cur.add_(s.active.long())  # finished slots stay put, inside the cache
     s.tokens.copy_(torch.where(s.active, nxt, s.tokens))
 
@@ -368,11 +385,12 @@ def _prefill(e, rows, prompts, uniforms):
     s.tokens.index_copy_(0, rows_t, torch.tensor([p[-1] for p in prompts], device=dev))
     s.n_gen.index_fill_(0, rows_t, 0)
     s.eos_hit.index_fill_(0, rows_t, False)
+    s.wrote.index_fill_(0, rows_t, False)
     s.active.index_fill_(0, rows_t, True)
 
 
 def _engine(model, n_prompts, batch_size, n_cols, max_new, temperature, top_p, eos, pad, cuda_graphs, compile,
-            budget):
+            budget, stop=((), ())):
     """The cached engine when the call matches it (weights refreshed, slots reset), else a new one."""
     global _cached
     base = hf_model(model)
@@ -382,11 +400,13 @@ def _engine(model, n_prompts, batch_size, n_cols, max_new, temperature, top_p, e
         e = _cached[1]
         if e.lm is not base:
             load_dense_weights(e.lm, base, e.lm.dtype, e.lm.device)
-        for t in (e.slots.start, e.slots.cur, e.slots.n_gen, e.slots.active, e.slots.eos_hit):
+        for t in (e.slots.start, e.slots.cur, e.slots.n_gen, e.slots.active, e.slots.eos_hit, e.slots.wrote):
             t.zero_()
+        e.slots.is_stop.copy_(_token_flags(stop, e.slots.is_stop.shape[0], e.slots.is_stop.device)[0])
+        e.slots.is_blank.copy_(_token_flags(stop, e.slots.is_blank.shape[0], e.slots.is_blank.device)[1])
         return e
     release()
-    e = _build(model, want, n_cols, max_new, temperature, top_p, eos, pad, cuda_graphs, compile, budget)
+    e = _build(model, want, n_cols, max_new, temperature, top_p, eos, pad, cuda_graphs, compile, budget, stop)
     _cached = (key, e)
     return e
 
@@ -411,9 +431,12 @@ def uniform_table(seeds: list[int], n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_tokens(model, prompt_ids, *, max_new_tokens, temperature, top_p, eos_token_ids, pad_token_id,
-                    batch_size, seeds, progress=None, memory_gb=None, cuda_graphs=True, compile=False):
+                    batch_size, seeds, progress=None, memory_gb=None, stop_ids=(), blank_ids=(), cuda_graphs=True,
+                    compile=False):
     """For each prompt: (new token ids without EOS, stopped at EOS?). seeds: one per prompt, its draws
-    (uniform_table). batch_size is the most slots decoded at once, or "auto": as many as the memory
+    (uniform_table). A token of stop_ids also ends a sequence (it is kept, and counts as EOS) once the
+    sequence holds a token not in blank_ids: the caller, which cuts the text at its stop texts, gets
+    the same text as without them, and the tokens after the stop are never computed. batch_size is the most slots decoded at once, or "auto": as many as the memory
     holds, up to AUTO_MAX_SLOTS (fewer in either case if the KV cache wouldn't fit in the free
     memory, or in memory_gb when given: the sampling copy, KV cache and workspace together).
     progress(n) is told of n finished prompts. cuda_graphs / compile (CUDA only) are there to switch
@@ -426,7 +449,7 @@ def generate_tokens(model, prompt_ids, *, max_new_tokens, temperature, top_p, eo
     n_cols = -(-(max(map(len, prompt_ids)) + max_new_tokens) // 64) * 64  # rounded: reuse across calls
     budget = None if memory_gb is None else int(memory_gb * 2**30)
     e = _engine(model, len(prompt_ids), batch_size, n_cols, max_new_tokens, float(temperature), float(top_p),
-                list(eos_token_ids), pad_token_id, cuda_graphs, compile, budget)
+                list(eos_token_ids), pad_token_id, cuda_graphs, compile, budget, (stop_ids, blank_ids))
     was_training = e.lm.training
     e.lm.eval()  # sampling in place must not run LoRA dropout
     try:

@@ -30,6 +30,7 @@ from minitpo.data import Instruction
 from minitpo.errors import UserError
 from minitpo.judges import compare, verdict
 from minitpo.prompts import load_template
+from minitpo.sample import thinks, wrote_marker
 
 BOOTSTRAP_RESAMPLES = 2000  # the interval's ends move by ~0.01 between seeds at this count
 BOOTSTRAP_SEED = 0
@@ -53,9 +54,17 @@ def bootstrap_interval(verdicts, resamples: int = BOOTSTRAP_RESAMPLES, seed: int
     return float(min(low, estimate)), float(max(high, estimate))
 
 
-def win_rate_summary(ps) -> dict:
-    """n, win_rate, its interval and the mean p, from each instruction's p = P(model better)."""
+def win_rate_summary(ps, groups=None) -> dict:
+    """n, win_rate, its interval and the mean p, from each output pair's p = P(model better). With
+    `groups` (the instruction of each p, when an instruction has several samples), n counts
+    instructions, each instruction's verdicts are averaged first and the bootstrap resamples
+    instructions, not samples: samples of one instruction are not independent evidence."""
     verdicts = [verdict(p) for p in ps]
+    if groups is not None:
+        by: dict = {}
+        for g, v in zip(groups, verdicts):
+            by.setdefault(g, []).append(v)
+        verdicts = [statistics.fmean(vs) for vs in by.values()]
     low, high = bootstrap_interval(verdicts)
     return {"n": len(verdicts), "win_rate": statistics.fmean(verdicts), "ci_low": low, "ci_high": high,
             "mean_p": statistics.fmean(ps)}
@@ -79,23 +88,30 @@ def length_controlled(rows: list[dict], resamples: int = BOOTSTRAP_RESAMPLES, se
     diff = np.array([len(r["model_response"]) - len(r["against_response"]) for r in both], dtype=np.float64)
     d = np.tanh(diff / (diff.std() or 1.0))  # (n,)
     v = np.array([verdict(r["p"]) for r in both])  # (n,)
+    # the bootstrap resamples instructions (with all of their samples): weights = how often each is drawn
+    ids = sorted({r["instruction_id"] for r in both})
+    group = np.array([ids.index(r["instruction_id"]) for r in both])  # (n,)
     rng = np.random.default_rng(seed)
-    idx = np.concatenate([np.arange(len(v))[None], rng.integers(0, len(v), size=(resamples, len(v)))])
-    rates = _fit_at_zero(d[idx], v[idx])  # (1 + resamples,): the estimate, then the bootstrap fits
+    draws = rng.integers(0, len(ids), size=(resamples, len(ids)))
+    counts = np.stack([np.bincount(row, minlength=len(ids)) for row in draws])  # (resamples, instructions)
+    weights = np.concatenate([np.ones((1, len(v))), counts[:, group]])  # (1 + resamples, n)
+    rates = _fit_at_zero(d, v, weights)  # (1 + resamples,): the estimate, then the bootstrap fits
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(rates[1:], [tail, 100 - tail])
-    return {"n": len(v), "win_rate": float(rates[0]), "ci_low": float(min(low, rates[0])),
+    return {"n": len(ids), "win_rate": float(rates[0]), "ci_low": float(min(low, rates[0])),
             "ci_high": float(max(high, rates[0]))}
 
 
-def _fit_at_zero(d: np.ndarray, v: np.ndarray, iterations: int = 100) -> np.ndarray:
-    """sigmoid(a) of the logistic fit v ~ sigmoid(a + b d), for each row of d and v (R, n) at once:
-    Newton's method on the cross-entropy (fractional targets allowed) plus LC_RIDGE * b^2 / 2."""
-    a, b = np.zeros(len(d)), np.zeros(len(d))
+def _fit_at_zero(d: np.ndarray, v: np.ndarray, weights: np.ndarray, iterations: int = 100) -> np.ndarray:
+    """sigmoid(a) of the logistic fit v ~ sigmoid(a + b d) over the n rows of d and v, once per row of
+    weights (R, n) (a row's weight: how often it counts), all at once: Newton's method on the weighted
+    cross-entropy (fractional targets allowed) plus LC_RIDGE * b^2 / 2."""
+    a, b = np.zeros(len(weights)), np.zeros(len(weights))
     for _ in range(iterations):
         q = 1 / (1 + np.exp(-(a[:, None] + b[:, None] * d)))  # (R, n)
-        w = q * (1 - q)
-        g_a, g_b = (q - v).sum(1), ((q - v) * d).sum(1) + LC_RIDGE * b
+        w = weights * q * (1 - q)
+        r = weights * (q - v)
+        g_a, g_b = r.sum(1), (r * d).sum(1) + LC_RIDGE * b
         h_aa, h_ab, h_bb = w.sum(1) + 1e-12, (w * d).sum(1), (w * d * d).sum(1) + LC_RIDGE
         det = h_aa * h_bb - h_ab ** 2
         step_a, step_b = (h_bb * g_a - h_ab * g_b) / det, (h_aa * g_b - h_ab * g_a) / det
@@ -112,19 +128,30 @@ def aggregate(rows: list[dict], model: str, against: str) -> dict:
         return (statistics.fmean(r[f"{who}_parsed"] for r in key_rows),
                 statistics.fmean(len(r[f"{who}_response"]) for r in parsed) if parsed else None)
 
+    def wins(key_rows):
+        return win_rate_summary([r["p"] for r in key_rows], [r["instruction_id"] for r in key_rows])
+
+    def rate(who, key):  # None for rows written before the key existed
+        flags = [r[f"{who}_{key}"] for r in rows if f"{who}_{key}" in r]
+        return statistics.fmean(flags) if flags else None
+
     (model_parse, model_chars), (against_parse, against_chars) = side(rows, "model"), side(rows, "against")
     categories = {}
     for cat in sorted({r["category"] for r in rows}):
         in_cat = [r for r in rows if r["category"] == cat]
-        categories[cat or "uncategorized"] = {**win_rate_summary([r["p"] for r in in_cat]),
-                                              "length_controlled": length_controlled(in_cat)}
+        categories[cat or "uncategorized"] = {**wins(in_cat), "length_controlled": length_controlled(in_cat)}
     return {
-        "model": model, "against": against, **win_rate_summary([r["p"] for r in rows]),
+        "model": model, "against": against, **wins(rows),
+        "samples": len(rows) // len({r["instruction_id"] for r in rows}),  # per instruction and model
         "length_controlled": length_controlled(rows),
         "ties": sum(r["p"] == 0.5 for r in rows),
         "judged": sum(r["judged"] for r in rows),  # the rest: format failures and identical responses
         "parse_rate": {model: model_parse, against: against_parse},
         "response_chars": {model: model_chars, against: against_chars},  # mean over parsed responses
+        # the marker written by the model itself (not appended by sampling.force_marker), and that with
+        # a thought of THOUGHT_MIN_WORDS or more before it and a response after it
+        "marker_rate": {model: rate("model", "marker"), against: rate("against", "marker")},
+        "thought_rate": {model: rate("model", "thinks"), against: rate("against", "thinks")},
         "categories": categories,
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": CI_LEVEL},
     }
@@ -132,10 +159,11 @@ def aggregate(rows: list[dict], model: str, against: str) -> dict:
 
 # ---------------------------------------------------------------- the run directory
 
-def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed") -> dict:
+def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed", samples: int = 1) -> dict:
     """Sample, judge and score `model` (default: the last finished iteration) against `against` (seed,
     iter-N, or another run's iteration folder); write RUN_DIR/eval/{model}-vs-{against}.json and .jsonl
-    (another run's model is labelled RUNNAME-iter-N); return the result. The judge is this run's."""
+    (another run's model is labelled RUNNAME-iter-N); return the result. The judge is this run's.
+    `samples` outputs per instruction and model: the j-th of one model meets the j-th of the other."""
     run_dir = Path(run_dir)
     recipe = _read_recipe(run_dir)
     judge = recipe.judge  # this run's judge decides; the other run's (with --against OTHER/iter-N) is not used
@@ -148,23 +176,28 @@ def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed
     if model == against:
         raise UserError(f"--model and --against are both {model!r}; compare two different models")
 
+    marker_of = [load_template(r.thought.template, r.thought.marker, r.thought.min_words).marker for *_, r in refs]
     # One policy in memory at a time: sample, then free it before the next model (and the judge) load.
     # Each model samples with its own run's recipe: its template, sampling settings and seed.
-    ours, theirs = (_sample_one(ref_recipe, ref_dir, name, instructions) for _, ref_dir, name, ref_recipe in refs)
+    ours, theirs = (_sample_one(ref_recipe, ref_dir, name, instructions, samples) for _, ref_dir, name, ref_recipe in refs)
 
     # The judge only sees pairs of two different parsed responses. A format failure decides the rest,
     # and identical responses (common at low temperature or early on: both sample from the same seed)
     # tie exactly, where the judge's two orders would give 0.5 only up to rounding.
     both = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a.parsed and b.parsed and a.response != b.response]
-    judged = compare(recipe.judge, [instructions[i].text for i in both],
+    judged = compare(recipe.judge, [ours[i].instruction for i in both],
                      [ours[i].response for i in both], [theirs[i].response for i in both]) if both else []
     ps = {i: float(p) for i, p in zip(both, judged)}
+    category = {ins.id: ins.category for ins in instructions}
     rows = []
-    for i, (ins, a, b) in enumerate(zip(instructions, ours, theirs)):
+    for i, (a, b) in enumerate(zip(ours, theirs)):
         p = ps[i] if i in ps else 0.5 if a.parsed == b.parsed else float(a.parsed)
-        rows.append({"instruction_id": ins.id, "instruction": ins.text, "category": ins.category,
-                     "model_response": a.response, "against_response": b.response,
-                     "model_parsed": a.parsed, "against_parsed": b.parsed, "judged": i in ps, "p": p})
+        rows.append({"instruction_id": a.instruction_id, "sample": a.index, "instruction": a.instruction,
+                     "category": category[a.instruction_id], "model_response": a.response,
+                     "against_response": b.response, "model_parsed": a.parsed, "against_parsed": b.parsed,
+                     "model_marker": wrote_marker(a, marker_of[0]), "against_marker": wrote_marker(b, marker_of[1]),
+                     "model_thinks": thinks(a, marker_of[0]), "against_thinks": thinks(b, marker_of[1]),
+                     "judged": i in ps, "p": p})
 
     result = aggregate(rows, model, against)
     stem = run_dir / "eval" / f"{model}-vs-{against}"
@@ -181,10 +214,14 @@ def summary_text(r: dict) -> str:
         return "-" if x is None else f"{x:.0f}"
     lines = [
         f"{m} vs {a}: win rate {r['win_rate']:.3f} (95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}) "
-        f"over {r['n']} instructions, mean p {r['mean_p']:.3f}, ties {r['ties']}",
+        f"over {r['n']} instructions" + (f" x {r['samples']} samples" if r.get("samples", 1) > 1 else "")
+        + f", mean p {r['mean_p']:.3f}, ties {r['ties']}",
         f"  parse rate {m} {r['parse_rate'][m]:.2f} / {a} {r['parse_rate'][a]:.2f} | "
         f"response chars {m} {chars(r['response_chars'][m])} / {a} {chars(r['response_chars'][a])}",
     ]
+    if r.get("marker_rate", {}).get(m) is not None:
+        lines.append(f"  marker written by the model {m} {r['marker_rate'][m]:.2f} / {a} {r['marker_rate'][a]:.2f} | "
+                     f"with a thought and a response {m} {r['thought_rate'][m]:.2f} / {a} {r['thought_rate'][a]:.2f}")
     lc = r.get("length_controlled")
     if lc:
         lines.insert(1, f"  length-controlled win rate {lc['win_rate']:.3f} (95% CI {lc['ci_low']:.3f}-"
@@ -194,17 +231,18 @@ def summary_text(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _sample_one(recipe: Recipe, run_dir: Path, name: str, instructions):
-    """One output per instruction from model `name` of `run_dir`, with the recipe's template, sampling and seed."""
+def _sample_one(recipe: Recipe, run_dir: Path, name: str, instructions, samples: int = 1):
+    """`samples` outputs per instruction from model `name` of `run_dir`, with the recipe's template,
+    sampling and seed."""
     from minitpo import engine
     from minitpo.model import load_policy
     from minitpo.sample import sample_candidates
 
-    template = load_template(recipe.thought.template, recipe.thought.marker)
+    template = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
     adapter = None if name == "seed" else rundir.adapter_dir(run_dir, name)
     policy, tokenizer = load_policy(recipe.policy, adapter)
     policy.eval()
-    candidates = sample_candidates(policy, tokenizer, instructions, template, recipe.sampling, k=1,
+    candidates = sample_candidates(policy, tokenizer, instructions, template, recipe.sampling, k=samples,
                                    seed=recipe.sampling.seed, system_prompt=recipe.thought.system_prompt)
     engine.release()
     del policy

@@ -50,7 +50,7 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     """Run (or resume) every iteration of `recipe` in `recipe.out`; return the run directory."""
     dist.init()
     out = Path(recipe.out)
-    template = load_template(recipe.thought.template, recipe.thought.marker)
+    template = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
     data = recipe.data
     held_out, slices = split_instructions(  # fails on a bad or short file before anything is written
         load_instructions(data.instructions), data.per_iteration, data.held_out, recipe.iterations, data.seed

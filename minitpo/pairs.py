@@ -61,9 +61,12 @@ def build_pairs(candidates, raw: dict[tuple[int, int], float], final: dict[tuple
 
     `raw` and `final` map (instruction_id, candidate index) -> the judge's score and the
     length-controlled score, for parsed candidates. A parse failure ranks below every parsed
-    candidate, so it becomes the rejected side when present (the lowest-index failure, for
-    determinism). No pair when no candidate parsed, or when the judge gave every parsed candidate the
-    same score and there is no failure to reject."""
+    candidate, so it becomes the rejected side when present. When the chosen candidate's marker was
+    forced (sampling.force_marker), its own first pass, which the model wrote without the marker, is
+    that failure: the two share every token up to where the marker was appended, so DPO's preference
+    falls on writing the marker there (and on the response after it), not on a different text.
+    Otherwise the lowest-index failure, for determinism. No pair when no candidate parsed, or when
+    the judge gave every parsed candidate the same score and there is no failure to reject."""
     pairs = []
     for group in by_instruction(candidates):
         parsed = [c for c in group if c.parsed]
@@ -73,6 +76,15 @@ def build_pairs(candidates, raw: dict[tuple[int, int], float], final: dict[tuple
         keys = [(c.instruction_id, c.index) for c in parsed]
         s, r = [final[k] for k in keys], [raw[k] for k in keys]
         best = max(range(len(parsed)), key=lambda j: (s[j], -j))
+        chosen = parsed[best]
+        if chosen.forced and chosen.unforced_text:
+            pairs.append(Pair(
+                instruction_id=chosen.instruction_id, prompt=chosen.prompt, chosen=chosen.text,
+                rejected=chosen.unforced_text, chosen_score=s[best], rejected_score=None,
+                chosen_index=chosen.index, rejected_index=chosen.index, rejected_parsed=False,
+                rejected_truncated=chosen.unforced_truncated,
+            ))
+            continue
         if failed:
             rejected, rejected_score = failed[0], None
         elif max(r) - min(r) <= 1e-9 or max(s) == min(s):
@@ -80,7 +92,6 @@ def build_pairs(candidates, raw: dict[tuple[int, int], float], final: dict[tuple
         else:
             worst = min(range(len(parsed)), key=lambda j: (s[j], j))
             rejected, rejected_score = parsed[worst], s[worst]
-        chosen = parsed[best]
         pairs.append(Pair(
             instruction_id=chosen.instruction_id, prompt=chosen.prompt, chosen=chosen.text,
             rejected=rejected.text, chosen_score=s[best], rejected_score=rejected_score,

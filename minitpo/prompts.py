@@ -10,7 +10,7 @@ used by public reproductions. `think` is the generic one with <think>...</think>
 `direct` is the paper's direct-response baseline: no thought at all.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from minitpo.errors import UserError
@@ -22,6 +22,7 @@ class Template:
     text: str  # holds one "{instruction}" placeholder
     marker: str | None  # the response starts after it; None means no thought (direct)
     thought_prefix: str = ""  # stripped from the start of the thought when present
+    min_words: int = 0  # a thought of fewer words is a format failure (thought.min_words)
 
 
 GENERIC = Template(
@@ -66,11 +67,11 @@ DIRECT = Template(name="direct", text="{instruction}", marker=None)
 TEMPLATES = {t.name: t for t in (GENERIC, SPECIFIC, THINK, DIRECT)}
 
 
-def load_template(name_or_path: str, marker: str | None = None) -> Template:
+def load_template(name_or_path: str, marker: str | None = None, min_words: int = 0) -> Template:
     """A named template, or a text file with an {instruction} placeholder whose marker the recipe
-    declares (`thought.marker`)."""
+    declares (`thought.marker`); min_words: `thought.min_words`."""
     if name_or_path in TEMPLATES:
-        return TEMPLATES[name_or_path]
+        return replace(TEMPLATES[name_or_path], min_words=min_words)
     path = Path(name_or_path)
     if not path.is_file():
         raise UserError(
@@ -92,7 +93,7 @@ def load_template(name_or_path: str, marker: str | None = None) -> Template:
             f"thought.marker: {marker!r} does not appear in {path}; the template must tell the model "
             "to write it before the response"
         )
-    return Template(name=str(path), text=text, marker=marker)
+    return Template(name=str(path), text=text, marker=marker, min_words=min_words)
 
 
 def build_messages(template: Template, instruction: str, system_prompt: bool = False) -> list[dict]:
@@ -119,7 +120,8 @@ def split_output(text: str, template: Template) -> tuple[str, str] | None:
 
     Plain string matching, as in the paper. The marker must appear exactly once: with two, we could
     not tell which part the user would see, and a response never contains the marker. The response
-    must be non-empty; the thought may be empty (the generic prompt makes thoughts optional)."""
+    must be non-empty; the thought may be empty (the generic prompt makes thoughts optional), unless
+    the template asks for `min_words` or more in it."""
     if template.marker is None:
         response = text.strip()
         return ("", response) if response else None
@@ -130,6 +132,6 @@ def split_output(text: str, template: Template) -> tuple[str, str] | None:
         if template.thought_prefix in response:
             return None  # the thought came after the response: out of order
         thought = thought.removeprefix(template.thought_prefix).strip()
-    if not response:
+    if not response or len(thought.split()) < template.min_words:
         return None
     return thought, response

@@ -222,7 +222,7 @@ def _check_files(recipe: Recipe) -> None:
     if recipe.thought.template not in ("generic", "specific", "direct"):
         from minitpo.prompts import load_template  # validates the file and its marker
 
-        load_template(recipe.thought.template, recipe.thought.marker)
+        load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
     _check_out(recipe.out)
 
 

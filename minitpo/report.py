@@ -39,6 +39,8 @@ ITERATION_FIGURES = [
     ("format.png", "Format and length control", "Output format and length control", [
         ("Candidates", "fraction of candidates",
          [("parse_rate", "parsed", "-"), ("marker_rate", "marker written by the model", "-"),
+          ("thought_rate", "thought, marker and response by the model", "-"),
+          ("heldout_marker_rate", "held-out (eval): marker by the model", "-."),
           ("forced_rate", "marker forced", ":"), ("truncated_rate", "hit max_new_tokens", "--")], (0, 1.05)),
         ("Length control strength", "rho", [("rho", "rho", "-")], (0, 0.52))]),
     ("constraints.png", "Verifiable constraints", "Constraints met by parsed responses (verifiable instructions)", [
@@ -51,7 +53,8 @@ ITERATION_FIGURES = [
 
 # The table in report.md: (column header, key, number format).
 COLUMNS = [("iter", "iteration", "d"), ("parse rate", "parse_rate", ".2f"), ("judge score", "judge_score", ".2f"),
-           ("marker rate", "marker_rate", ".2f"), ("constraints met", "constraint_pass_rate", ".2f"),
+           ("marker rate", "marker_rate", ".2f"), ("held-out marker rate", "heldout_marker_rate", ".2f"),
+           ("constraints met", "constraint_pass_rate", ".2f"),
            ("chosen", "chosen_score", ".2f"), ("rejected", "rejected_score", ".2f"),
            ("thought chars", "thought_chars", ".0f"), ("response chars", "response_chars", ".0f"),
            ("pairs trained", "pairs_trained", "d"), ("DPO loss", "train_loss", ".3f"),
@@ -70,6 +73,7 @@ def write_report(run_dir: str | Path) -> Path:
         seed_eval = next((e for e in evals if e["against"] == "seed" and e["iteration"] == r["iteration"]), {})
         r["win_rate"] = seed_eval.get("win_rate")
         r["lc_win_rate"] = (seed_eval.get("length_controlled") or {}).get("win_rate")
+        r["heldout_marker_rate"] = (seed_eval.get("marker_rate") or {}).get(seed_eval.get("model"))
 
     figures = []  # (heading, file name) of the plots that had something to draw
 

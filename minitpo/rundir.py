@@ -102,7 +102,7 @@ def resolve_adapter(path: str | Path, template: str | None = None) -> Resolved:
         recipe = load_recipe(recipe_path, check_files=False)  # the run wrote absolute paths into it
         thought = recipe.thought
         return Resolved(policy=recipe.policy, adapter_dir=adapter,
-                        template=load_template(template or thought.template, thought.marker),
+                        template=load_template(template or thought.template, thought.marker, thought.min_words),
                         system_prompt=thought.system_prompt, sampling=recipe.sampling)
 
     config = read_json(adapter / "adapter_config.json")

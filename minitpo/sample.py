@@ -17,7 +17,9 @@ Every candidate samples from its own seed (`candidate_seed`: the run's seed, the
 candidate's index), so the batch, the engine's slot or the process that draws it never changes it.
 """
 
+import functools
 import hashlib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,24 @@ class Candidate:
     truncated: bool  # stopped by max_new_tokens instead of EOS
     category: str = ""
     forced: bool = False  # the marker was appended by sampling.force_marker, not written by the model
+    # a forced candidate's own first pass, before the marker was appended: a format failure the model
+    # wrote (pairs.py makes it the rejected side when the candidate is chosen); "" when not forced
+    unforced_text: str = ""
+    unforced_truncated: bool = False  # that first pass ran out of thought budget instead of ending
+
+
+THOUGHT_MIN_WORDS = 5  # a thought of fewer words is no thought: "Okay." closed at once is not thinking
+
+
+def wrote_marker(c: Candidate, marker: str | None) -> bool:
+    """The model wrote the template's marker itself (sampling.force_marker did not append it)."""
+    return bool(marker) and not c.forced and marker in c.text
+
+
+def thinks(c: Candidate, marker: str | None) -> bool:
+    """The model wrote, by itself, a thought of THOUGHT_MIN_WORDS words or more, the marker, and a
+    response: the format TPO teaches."""
+    return wrote_marker(c, marker) and c.parsed and len(c.thought.split()) >= THOUGHT_MIN_WORDS
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -74,35 +94,57 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg, s
     prompts = [build_prompt(tokenizer, template, ins.text, system_prompt) for ins in instructions]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     jobs = [(i, j) for i in range(len(instructions)) for j in range(k or cfg.k)]
+    marker = template.marker
+    stop_ids, blank_ids = stop_tokens(tokenizer, tuple(cfg.stop))
 
-    def run(job_prompts, seeds, max_new_tokens, desc):
-        """(text, n_tokens, ended) per prompt: decoded, cut at the first stop text."""
+    def run(job_prompts, seeds, max_new_tokens, desc, early_stop):
+        """(decoded text, n_tokens, ended at EOS) per prompt. early_stop: the engine may end an output
+        at a stop text's token (`cut` cuts the text at its stop in any case: this only saves time)."""
         with tqdm(total=len(job_prompts), desc=desc, unit="seq", dynamic_ncols=True, disable=not progress) as bar:
             outputs = engine(
                 model, job_prompts, max_new_tokens=max_new_tokens, temperature=cfg.temperature,
                 top_p=cfg.top_p, eos_token_ids=eos_token_ids(model, tokenizer),
                 pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, seeds=seeds, progress=bar.update,
-                memory_gb=cfg.memory_gb,
+                memory_gb=cfg.memory_gb, stop_ids=stop_ids if early_stop else (), blank_ids=blank_ids,
             )
-        return [_stop(tokenizer, new_ids, hit_eos, cfg.stop) for new_ids, hit_eos in outputs]
+        return [(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit) for ids, hit in outputs]
 
     def seeds(part, numbers):
         return [candidate_seed(seed, instructions[jobs[n][0]].id, jobs[n][1], part) for n in numbers]
 
-    force = cfg.force_marker and template.marker is not None
+    def cut(text, n_tokens, ended):
+        """A stop text ends the output as EOS would; the text from the stop on is dropped."""
+        at = cut_at_stop(text, cfg.stop, marker)
+        if at is None:
+            return text, n_tokens, ended
+        text = text[:at]
+        return text, len(tokenizer(text, add_special_tokens=False)["input_ids"]), True
+
+    force = cfg.force_marker and marker is not None
     first_budget = (cfg.thought_tokens or max(1, cfg.max_new_tokens // 2)) if force else cfg.max_new_tokens
-    results = run([prompt_ids[i] for i, _ in jobs], seeds(0, range(len(jobs))), first_budget, "sample")
+    # With a marker the first pass may hold a thought, which stop texts do not end: it runs to its budget.
+    results = [cut(*r) for r in run([prompt_ids[i] for i, _ in jobs], seeds(0, range(len(jobs))), first_budget,
+                                     "sample", early_stop=marker is None)]
     forced = [False] * len(jobs)
+    firsts = list(results)  # each output's first pass: the text the model wrote with nothing forced
     if force:
         # Every output not yet finished with a response goes on, in one batch: one that stopped or ran
-        # out of thought budget without the marker gets it appended; one cut off after writing it just
-        # continues. A continuation that overruns its own share of the budget is truncated.
+        # out of thought budget without the marker gets it appended, unless it is one of the last
+        # `sampling.unforced` candidates of its instruction (those stay format failures: the rejected
+        # side of a pair, the paper's rule); one cut off after writing it just continues. A
+        # continuation that overruns its own share of the budget is truncated.
+        forceable = cfg.k - cfg.unforced  # of the recipe's K, so that eval's k=1 is forced as the loop's
         todo = []
-        for n, ((i, _), (text, n_tokens, ended)) in enumerate(zip(jobs, results)):
-            has_marker = template.marker in text
-            if ended and has_marker:
+        for n, ((i, j), (text, n_tokens, ended)) in enumerate(zip(jobs, results)):
+            has_marker = marker in text
+            if (ended and has_marker) or (not has_marker and j >= forceable):
                 continue
-            head = text if has_marker else text.rstrip() + "\n\n" + template.marker + "\n"
+            # a thought cut by its budget ends at its last whole sentence, so the marker follows a sentence
+            thought = text if ended else whole_sentences(text)
+            words = thought.strip().removeprefix(template.thought_prefix).split()
+            if not has_marker and len(words) < template.min_words:
+                continue  # too short a thought to force: it stays a format failure
+            head = text if has_marker else thought.rstrip() + "\n\n" + marker + "\n"
             head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
             if len(head_ids) < cfg.max_new_tokens:
                 todo.append((n, head, head_ids))
@@ -110,50 +152,81 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg, s
         if todo:
             budget = cfg.max_new_tokens - min(len(h) for _, _, h in todo)
             tails = run([prompt_ids[jobs[n][0]] + h for n, _, h in todo], seeds(1, [n for n, _, _ in todo]), budget,
-                        "sample (response)")
+                        "sample (response)", early_stop=True)
             for (n, head, head_ids), (tail, n_tail, ended) in zip(todo, tails):
                 left = cfg.max_new_tokens - len(head_ids)
                 if n_tail > left:  # over its own budget: cut there, truncated
                     tail = tokenizer.decode(tokenizer(tail, add_special_tokens=False)["input_ids"][:left])
-                results[n] = (head + tail, len(head_ids) + min(n_tail, left), ended and n_tail <= left)
+                results[n] = cut(head + tail, len(head_ids) + min(n_tail, left), ended and n_tail <= left)
 
     candidates = []
-    for (i, j), (text, n_tokens, ended), was_forced in zip(jobs, results, forced):
+    for (i, j), (text, n_tokens, ended), was_forced, first in zip(jobs, results, forced, firsts):
         split = split_output(text, template) if ended else None
         ins = instructions[i]
         candidates.append(Candidate(
             instruction_id=ins.id, instruction=ins.text, prompt=prompts[i], index=j, text=text,
             thought=split[0] if split else "", response=split[1] if split else "",
             parsed=split is not None, n_tokens=n_tokens, truncated=not ended, category=ins.category,
-            forced=was_forced,
+            forced=was_forced, unforced_text=first[0] if was_forced else "",
+            unforced_truncated=was_forced and not first[2],
         ))
     return candidates
 
 
-def _stop(tokenizer, new_ids: list[int], hit_eos: bool, stops) -> tuple[str, int, bool]:
-    """(text, n_tokens, ended): a stop text ends the output as EOS would; tokens after it are dropped.
-    Leading whitespace is not searched, so a stop of "\n\n" ends a paragraph, not an output that
-    merely begins with a blank line (as a response after its marker often does)."""
-    text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    start = len(text) - len(text.lstrip())
-    cut = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
-    if cut >= 0:
-        text, hit_eos = text[:cut], True
-        new_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text, len(new_ids), hit_eos
+def cut_at_stop(text: str, stops, marker: str | None = None) -> int | None:
+    """Where the first stop text starts, or None. Stop texts end the response: with a marker in the
+    text they are looked for after it (a thought may hold a blank line before its marker), and never
+    in the leading whitespace (a stop of "\n\n" ends a paragraph, not an output or response that
+    merely begins with a blank line, as a response after its marker often does)."""
+    start = 0
+    if marker and marker in text:
+        start = text.index(marker) + len(marker)
+    start += len(text[start:]) - len(text[start:].lstrip())
+    cuts = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(cuts) if cuts else None
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)|\n")
+
+
+def whole_sentences(text: str) -> str:
+    """`text` up to its last sentence end (. ! or ? before a space or the end, or a line break), or
+    all of it when no sentence with a word in it ends."""
+    for m in reversed(list(_SENTENCE_END.finditer(text))):
+        if text[:m.end()].strip():
+            return text[:m.end()]
+    return text
+
+
+@functools.lru_cache(maxsize=4)
+def stop_tokens(tokenizer, stops: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(ids whose text holds a stop text, ids whose text is only whitespace), over the vocabulary:
+    what the engine needs to end an output at a stop without decoding (49,152 ids: about a second)."""
+    if not stops:
+        return (), ()
+    stop, blank = [], []
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([i])
+        if any(s in text for s in stops):
+            stop.append(i)
+        elif not text.strip():
+            blank.append(i)
+    return tuple(stop), tuple(blank)
 
 
 @torch.no_grad()
 def generate_tokens(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
                     top_p: float, eos_token_ids: list[int], pad_token_id: int, batch_size: int | str,
-                    seeds: list[int], progress=None, memory_gb=None) -> list[tuple[list[int], bool]]:
+                    seeds: list[int], progress=None, memory_gb=None, stop_ids=(), blank_ids=()
+                    ) -> list[tuple[list[int], bool]]:
     """Transformers `generate`, batched: for each prompt, (new token ids without EOS, hit EOS).
 
     Prompts are sorted by length so that each batch pads little; left padding keeps every prompt's
     last token at the same position, where generation starts. The draw is the engine's (temperature,
     top-p, inverse CDF from the prompt's own seeded uniforms), run as a logits processor under greedy
     decoding, so that a sequence's tokens do not depend on its batch, as in the engine. batch_size
-    "auto" is GENERATE_AUTO_BATCH; memory_gb is not used (generate grows its cache as it goes)."""
+    "auto" is GENERATE_AUTO_BATCH; memory_gb is not used (generate grows its cache as it goes), nor are
+    stop_ids and blank_ids (they let the engine stop early; the caller cuts the text in any case)."""
     from transformers import LogitsProcessorList
 
     from minitpo.engine import uniform_table

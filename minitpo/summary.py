@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 from minitpo import io, rundir
+from minitpo.sample import thinks, wrote_marker
 from minitpo.verifiable import pass_counts
 
 
@@ -49,7 +50,9 @@ def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, judge_s
         "parse_rate": mean(c.parsed for c in candidates),
         "truncated_rate": mean(c.truncated for c in candidates),
         # sampling.force_marker: how often the model wrote the marker itself, and how often it was appended
-        "marker_rate": mean(not c.forced and marker in c.text for c in candidates) if marker else None,
+        "marker_rate": mean(wrote_marker(c, marker) for c in candidates) if marker else None,
+        # ... with a thought of a sentence or more and a response after it (sample.thinks)
+        "thought_rate": mean(thinks(c, marker) for c in candidates) if marker else None,
         "forced_rate": mean(c.forced for c in candidates),
         # verifiable instructions (minitpo/verifiable.py): the share of their constraints met, strictly
         "constraint_pass_rate": round(met / total, 4) if total else None,
@@ -85,7 +88,8 @@ def summary_line(s: dict) -> str:
     """The iteration's line on the console."""
     def f(x, spec):
         return "-" if x is None else format(x, spec)
-    return (f"iter {s['iteration']}: parse {f(s['parse_rate'], '.2f')} | score {f(s['judge_score'], '.2f')} | "
+    return (f"iter {s['iteration']}: parse {f(s['parse_rate'], '.2f')} | marker {f(s.get('marker_rate'), '.2f')} "
+            f"| score {f(s['judge_score'], '.2f')} | "
             f"pairs {s['pairs_trained']}/{s['instructions']} | thought {f(s['thought_chars'], '.0f')} "
             f"resp {f(s['response_chars'], '.0f')} chars | loss {f(s['train_loss'], '.3f')} "
             f"acc {f(s['reward_accuracy'], '.2f')} | {sum(v for v in s['stage_wall_s'].values() if v):.1f} s")

@@ -265,6 +265,30 @@ def test_a_sequence_draws_from_its_own_seed_whatever_its_batch():
     release()
 
 
+def test_a_stop_token_ends_a_sequence_once_it_has_written_text():
+    """stop_ids: the sequence ends at the first stop token that follows a token outside blank_ids; the
+    stop token is kept and counts as EOS; everything before it is the unstopped sequence's tokens
+    (3 slots, so refilled slots start with a fresh `wrote` flag)."""
+    model = tiny("llama")
+    kw = dict(max_new_tokens=MAX_NEW, temperature=0.8, top_p=0.95, eos_token_ids=[], pad_token_id=PAD,
+              batch_size=3, seeds=[7 + i for i in range(len(PROMPTS))])
+    plain = generate_tokens(model, PROMPTS, **kw)
+    counts = torch.bincount(torch.tensor([t for ids, _ in plain for t in ids[1:]]))
+    stop, blank = int(counts.argmax()), int(plain[0][0][0])  # the commonest token; one first token
+    stopped = generate_tokens(model, PROMPTS, stop_ids=[stop], blank_ids=[blank], **kw)
+    ended = 0
+    for (ids, _), (cut, hit) in zip(plain, stopped):
+        wrote = [i for i, t in enumerate(ids) if t != blank]  # positions of text-writing tokens
+        at = next((i for i, t in enumerate(ids) if t == stop and wrote and wrote[0] < i), None)
+        if at is None:
+            assert (cut, hit) == (ids, False)
+        else:
+            ended += 1
+            assert (cut, hit) == (ids[:at + 1], True)
+    assert ended >= 3  # 3 of the 8 meet a stop here: the path is exercised
+    release()
+
+
 # ---------------------------------------------------------------- memory, shared prefill, filled columns
 
 GB = 2**30

@@ -147,6 +147,10 @@ def test_report_plots_the_eval(evaluated):
     result = minitpo("report", run)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "report" / "win_rate.png").is_file()
+    # the held-out marker rate of the eval joins iteration 1's row of the table
+    r = json.loads((run / "eval" / "iter-1-vs-seed.json").read_text())
+    row = next(line for line in (run / "report.md").read_text().splitlines() if line.startswith("| 1 "))
+    assert row.split("|")[5] == f" {r['marker_rate']['iter-1']:.2f} "
 
 
 def test_eval_user_errors_through_the_cli(tiny_run):
@@ -204,7 +208,7 @@ def _synthetic_rows(n, decide, seed=0):
     rows = []
     for _ in range(n):
         a, b = int(rng.integers(50, 400)) + 60, int(rng.integers(50, 400))
-        rows.append({"model_parsed": True, "against_parsed": True, "model_response": "x" * a,
+        rows.append({"instruction_id": len(rows), "model_parsed": True, "against_parsed": True, "model_response": "x" * a,
                      "against_response": "x" * b, "p": decide(a - b, rng)})
     return rows
 
@@ -224,6 +228,42 @@ def test_length_controlled_rate_stays_when_quality_alone_decides():
     assert abs(lc["win_rate"] - raw) < 0.03 and lc["ci_low"] > 0.6, (raw, lc)
     failed = [{**r, "against_parsed": False} for r in rows[:1]]
     assert length_controlled(failed) is None  # no pair of parsed responses: nothing to regress
+
+
+def test_samples_of_one_instruction_count_as_one_instruction():
+    # by hand: instructions a (win, loss), b (win, win), c (loss, loss) -> 0.5, 1, 0 -> 0.5 over 3
+    s = win_rate_summary([0.9, 0.1, 0.8, 0.7, 0.2, 0.0], ["a", "a", "b", "b", "c", "c"])
+    assert s["n"] == 3 and s["win_rate"] == pytest.approx(0.5)
+    # Two identical samples per instruction are no more evidence than one: the interval is the one
+    # sample's, where a bootstrap over samples would narrow it by about 1/sqrt(2).
+    ps = [1.0] * 12 + [0.0] * 8
+    one = win_rate_summary(ps, list(range(20)))
+    two = win_rate_summary(ps + ps, list(range(20)) * 2)
+    assert (two["win_rate"], two["ci_low"], two["ci_high"]) == (one["win_rate"], one["ci_low"], one["ci_high"])
+    flat = win_rate_summary(ps + ps)  # no groups: 40 independent verdicts
+    assert flat["ci_high"] - flat["ci_low"] < 0.85 * (one["ci_high"] - one["ci_low"])
+    rows = _synthetic_rows(60, lambda d, rng: float(rng.random() < 0.6))
+    lc_one, lc_two = length_controlled(rows), length_controlled(rows + rows)
+    assert lc_two["n"] == lc_one["n"] == 60
+    assert lc_two["win_rate"] == pytest.approx(lc_one["win_rate"], abs=0.01)
+    width = lc_one["ci_high"] - lc_one["ci_low"]
+    assert lc_two["ci_high"] - lc_two["ci_low"] == pytest.approx(width, rel=0.1)
+
+
+def test_eval_draws_several_samples_per_instruction(tiny_run):
+    result = minitpo("eval", tiny_run, "--samples", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads((tiny_run / "eval" / "iter-1-vs-seed.json").read_text())
+    rows = [json.loads(line) for line in open(tiny_run / "eval" / "iter-1-vs-seed.jsonl")]
+    assert (r["n"], r["samples"], len(rows)) == (8, 2, 16)
+    assert sorted((x["instruction_id"], x["sample"]) for x in rows) == sorted(
+        (i, j) for i in {x["instruction_id"] for x in rows} for j in (0, 1))
+    # the tiny template's marker is "Here is my response:", which the tiny model writes itself
+    for who in ("iter-1", "seed"):
+        side = "model" if who == "iter-1" else "against"
+        assert r["marker_rate"][who] == pytest.approx(np.mean([x[f"{side}_marker"] for x in rows]))
+        assert r["thought_rate"][who] <= r["marker_rate"][who]
+    assert "x 2 samples" in result.stdout and "marker written by the model" in result.stdout
 
 
 def test_eval_against_another_runs_iteration(tiny_run, tmp_path):

@@ -44,6 +44,24 @@ def test_parse_failures_serve_as_rejected():
     assert not p.rejected_parsed and p.rejected_truncated and p.rejected_score is None
 
 
+def test_a_forced_chosen_is_rejected_against_its_own_first_pass():
+    """The chosen candidate's marker was forced: its rejected side is what the model wrote before the
+    marker was appended, not another candidate; when the chosen wrote its marker itself, the usual
+    rule holds (a failure, else the worst)."""
+    import dataclasses
+
+    forced = dataclasses.replace(cand(0, 1, "best"), forced=True, unforced_text="t1 and on", unforced_truncated=True)
+    cands = [cand(0, 0, "a"), forced, cand(0, 2, "", parsed=False)]
+    raw = {(0, 0): 2.0, (0, 1): 9.0}
+    (p,) = build_pairs(cands, raw, control_length(cands, raw, rho=0.0))
+    assert (p.chosen, p.rejected) == (forced.text, "t1 and on")
+    assert (p.chosen_index, p.rejected_index, p.rejected_parsed, p.rejected_truncated) == (1, 1, False, True)
+    assert p.rejected_score is None
+    raw = {(0, 0): 9.0, (0, 1): 2.0}  # the natural one wins: rejected is the parse failure
+    (p,) = build_pairs(cands, raw, control_length(cands, raw, rho=0.0))
+    assert (p.chosen_index, p.rejected_index, p.rejected_truncated) == (0, 2, False)
+
+
 def test_single_parsed_candidate_pairs_with_a_failure():
     cands = [cand(0, 0, "only"), cand(0, 1, "", parsed=False)]
     raw = {(0, 0): 4.0}

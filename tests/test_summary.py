@@ -13,14 +13,14 @@ MARKER = "Here is my response:"
 
 def _iteration():
     """Two instructions x 2 candidates: one forced, one natural marker, one failure."""
-    def cand(i, k, response, parsed=True, forced=False, truncated=False):
-        text = f"thinking {MARKER} {response}" if parsed else "rambling on"
+    def cand(i, k, response, parsed=True, forced=False, truncated=False, thought="thinking"):
+        text = f"{thought} {MARKER} {response}" if parsed else "rambling on"
         return Candidate(instruction_id=i, instruction="Say hi. Write your whole answer in lowercase letters only, with no capital letters." if i == 0 else "Say bye.",
-                         prompt="p", index=k, text=text, thought="thinking" if parsed else "",
+                         prompt="p", index=k, text=text, thought=thought if parsed else "",
                          response=response if parsed else "", parsed=parsed, n_tokens=10,
                          truncated=truncated, forced=forced)
     candidates = [cand(0, 0, "hi there", forced=True), cand(0, 1, "HI THERE"),
-                  cand(1, 0, "bye now"), cand(1, 1, "", parsed=False, truncated=True)]
+                  cand(1, 0, "bye now", thought="I will say bye to them"), cand(1, 1, "", parsed=False, truncated=True)]
     scores = [{"instruction_id": 0, "index": 0, "score": 9.0, "rho": 0.0, "final": 9.0},
               {"instruction_id": 0, "index": 1, "score": 3.0, "rho": 0.0, "final": 3.0},
               {"instruction_id": 1, "index": 0, "score": 6.0, "rho": 0.0, "final": 6.0}]
@@ -38,6 +38,7 @@ def test_summary_numbers_from_a_hand_built_iteration():
     s = summarize(1, *_iteration(), marker=MARKER)
     assert s["parse_rate"] == 0.75 and s["truncated_rate"] == 0.25 and s["forced_rate"] == 0.25
     assert s["marker_rate"] == 0.5  # two unforced outputs wrote the marker; the failure did not
+    assert s["thought_rate"] == 0.25  # of those two, one thought has 5 words or more
     assert s["judge_score"] == 6.0 and s["chosen_score"] == 7.5 and s["rejected_score"] == 3.0
     assert s["constraint_pass_rate"] == 0.5  # instruction 0's lowercase constraint: met once, failed once
     assert s["train_loss"] == 0.5 and s["reward_accuracy"] == 1.0  # the last epoch only
@@ -47,8 +48,9 @@ def test_summary_numbers_from_a_hand_built_iteration():
 def test_every_key_the_report_reads_is_one_the_summary_writes():
     written = set(summarize(1, *_iteration(), marker=MARKER))
     drawn = {key for _, _, _, panels in report.ITERATION_FIGURES for _, _, lines, _ in panels for key, _, _ in lines}
-    tabulated = {key for _, key, _ in report.COLUMNS} - {"win_rate", "lc_win_rate"}  # these join from eval/
-    assert drawn | tabulated <= written, sorted((drawn | tabulated) - written)
+    from_eval = {"win_rate", "lc_win_rate", "heldout_marker_rate"}  # these join from eval/
+    tabulated = {key for _, key, _ in report.COLUMNS}
+    assert (drawn | tabulated) - from_eval <= written, sorted((drawn | tabulated) - from_eval - written)
 
 
 def test_write_summary_marks_finished_and_read_metrics_returns_them_in_order(tmp_path):
