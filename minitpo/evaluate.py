@@ -131,8 +131,8 @@ def aggregate(rows: list[dict], model: str, against: str) -> dict:
     def wins(key_rows):
         return win_rate_summary([r["p"] for r in key_rows], [r["instruction_id"] for r in key_rows])
 
-    def rate(who, key):  # None for rows written before the key existed
-        flags = [r[f"{who}_{key}"] for r in rows if f"{who}_{key}" in r]
+    def rate(who, key):  # None for a direct model, and for rows written before the key existed
+        flags = [r[f"{who}_{key}"] for r in rows if r.get(f"{who}_{key}") is not None]
         return statistics.fmean(flags) if flags else None
 
     (model_parse, model_chars), (against_parse, against_chars) = side(rows, "model"), side(rows, "against")
@@ -195,8 +195,11 @@ def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed
         rows.append({"instruction_id": a.instruction_id, "sample": a.index, "instruction": a.instruction,
                      "category": category[a.instruction_id], "model_response": a.response,
                      "against_response": b.response, "model_parsed": a.parsed, "against_parsed": b.parsed,
-                     "model_marker": wrote_marker(a, marker_of[0]), "against_marker": wrote_marker(b, marker_of[1]),
-                     "model_thinks": thinks(a, marker_of[0]), "against_thinks": thinks(b, marker_of[1]),
+                     # None for a model whose template has no thought (direct)
+                     "model_marker": marker_of[0] and wrote_marker(a, marker_of[0]),
+                     "against_marker": marker_of[1] and wrote_marker(b, marker_of[1]),
+                     "model_thinks": marker_of[0] and thinks(a, marker_of[0]),
+                     "against_thinks": marker_of[1] and thinks(b, marker_of[1]),
                      "judged": i in ps, "p": p})
 
     result = aggregate(rows, model, against)
@@ -219,9 +222,12 @@ def summary_text(r: dict) -> str:
         f"  parse rate {m} {r['parse_rate'][m]:.2f} / {a} {r['parse_rate'][a]:.2f} | "
         f"response chars {m} {chars(r['response_chars'][m])} / {a} {chars(r['response_chars'][a])}",
     ]
-    if r.get("marker_rate", {}).get(m) is not None:
-        lines.append(f"  marker written by the model {m} {r['marker_rate'][m]:.2f} / {a} {r['marker_rate'][a]:.2f} | "
-                     f"with a thought and a response {m} {r['thought_rate'][m]:.2f} / {a} {r['thought_rate'][a]:.2f}")
+    def rate(x):
+        return "-" if x is None else f"{x:.2f}"
+    marker, thought = r.get("marker_rate", {}), r.get("thought_rate", {})
+    if marker.get(m) is not None or marker.get(a) is not None:
+        lines.append(f"  marker written by the model {m} {rate(marker.get(m))} / {a} {rate(marker.get(a))} | "
+                     f"with a thought and a response {m} {rate(thought.get(m))} / {a} {rate(thought.get(a))}")
     lc = r.get("length_controlled")
     if lc:
         lines.insert(1, f"  length-controlled win rate {lc['win_rate']:.3f} (95% CI {lc['ci_low']:.3f}-"
