@@ -402,8 +402,9 @@ def _engine(model, n_prompts, batch_size, n_cols, max_new, temperature, top_p, e
             load_dense_weights(e.lm, base, e.lm.dtype, e.lm.device)
         for t in (e.slots.start, e.slots.cur, e.slots.n_gen, e.slots.active, e.slots.eos_hit, e.slots.wrote):
             t.zero_()
-        e.slots.is_stop.copy_(_token_flags(stop, e.slots.is_stop.shape[0], e.slots.is_stop.device)[0])
-        e.slots.is_blank.copy_(_token_flags(stop, e.slots.is_blank.shape[0], e.slots.is_blank.device)[1])
+        is_stop, is_blank = _token_flags(stop, e.slots.is_stop.shape[0], e.slots.is_stop.device)
+        e.slots.is_stop.copy_(is_stop)  # in place: a recorded CUDA graph reads these addresses
+        e.slots.is_blank.copy_(is_blank)
         return e
     release()
     e = _build(model, want, n_cols, max_new, temperature, top_p, eos, pad, cuda_graphs, compile, budget, stop)

@@ -89,8 +89,8 @@ def length_controlled(rows: list[dict], resamples: int = BOOTSTRAP_RESAMPLES, se
     d = np.tanh(diff / (diff.std() or 1.0))  # (n,)
     v = np.array([verdict(r["p"]) for r in both])  # (n,)
     # the bootstrap resamples instructions (with all of their samples): weights = how often each is drawn
-    ids = sorted({r["instruction_id"] for r in both})
-    group = np.array([ids.index(r["instruction_id"]) for r in both])  # (n,)
+    ids = {i: g for g, i in enumerate(sorted({r["instruction_id"] for r in both}))}  # instruction -> its number
+    group = np.array([ids[r["instruction_id"]] for r in both])  # (n,)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(ids), size=(resamples, len(ids)))
     counts = np.stack([np.bincount(row, minlength=len(ids)) for row in draws])  # (resamples, instructions)
