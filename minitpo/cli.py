@@ -142,6 +142,16 @@ def export(path, out, gguf, gguf_lora, qtype):
         click.echo(f"exported: {export_merged(path, out)}")
 
 
+def _exit_now(status: int):
+    """Exit with `status`, skipping the interpreter's shutdown. Needed after Ctrl-C: when the
+    KeyboardInterrupt passed through code that C ran with PyRun_String (as a library's import can),
+    CPython 3.11 under `python -m` ends the process by SIGINT at shutdown, whatever status was asked
+    for. What finished is on disk already (atomic writes); only the streams need flushing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main():
     first = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone speaks for the run
     if not first:
@@ -155,7 +165,7 @@ def main():
     except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C: what finished is on disk
         if first:
             click.echo("interrupted; run the same command again to resume from the last finished stage", err=True)
-        sys.exit(130)
+        _exit_now(130)
     except click.UsageError as e:  # a bad option or argument: one line, as for UserError
         command = e.ctx.command_path if e.ctx else "minitpo"
         click.echo(f"error: {e.format_message()} (see {command} --help)", err=True)

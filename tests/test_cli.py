@@ -299,3 +299,25 @@ def test_sigkill_at_many_moments_then_resume_loses_only_the_stage_in_flight(tiny
     assert len(jsonl(out / "metrics.jsonl")) == 2
     assert json.load(open(out / "eval" / "iter-2-vs-seed.json"))["n"] == 8
     print(f"{kills} kills, {resumed_finished} finished files checked unchanged across resumes")
+
+
+def test_ctrl_c_exits_130_even_after_passing_through_pyrun_string(tmp_path):
+    # CPython 3.11 under `python -m` kills itself with SIGINT at shutdown (status -2) when a
+    # KeyboardInterrupt ever passed through code C ran with PyRun_String, even one minitpo caught.
+    # The command here raises Ctrl-C that way; minitpo must still print one line and exit 130.
+    (tmp_path / "ctrl_c_in_c.py").write_text(
+        "import ctypes\n"
+        "from minitpo import cli\n"
+        "def press_ctrl_c(*args, **kwargs):\n"
+        "    run = ctypes.pythonapi.PyRun_String\n"
+        "    run.restype, run.argtypes = ctypes.py_object, [ctypes.c_char_p, ctypes.c_int, ctypes.py_object,"
+        " ctypes.py_object]\n"
+        "    run(b'raise KeyboardInterrupt', 257, {}, {})\n"
+        "cli.cli.main = press_ctrl_c\n"
+        "cli.main()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "ctrl_c_in_c"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "interrupted; run the same command again to resume from the last finished stage"]

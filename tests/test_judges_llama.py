@@ -322,3 +322,27 @@ def test_quantized_gguf_scores_through_the_judge(tmp_path, ftype):
     with judge.open_llama_judge(Cfg(model=str(source))) as llm:  # and it agrees with its F32 source
         f32 = judge.score_with_llama(llm, judge.JUDGE_PROMPT, instructions, responses)
     assert np.allclose(scores, [r["score"] for r in f32], atol=0.1, rtol=0)
+
+
+def test_ctrl_c_inside_a_c_callback_is_held_until_the_block_ends():
+    # llama.cpp calls Python back while it loads (the log callback); a KeyboardInterrupt raised in a ctypes
+    # callback is dropped. Outside hold_ctrl_c that Ctrl-C is lost; inside, it is raised when the block ends.
+    import ctypes
+    import os
+    import signal
+
+    from minitpo.judges.llama import hold_ctrl_c
+
+    def press_ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(1000))  # bytecode after the signal: Python runs the handler here, inside the callback
+
+    callback = ctypes.CFUNCTYPE(None)(press_ctrl_c)
+    callback()  # dropped by ctypes: nothing raised here
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with hold_ctrl_c():
+            callback()
+            reached_end = True
+    assert reached_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -15,7 +15,9 @@ import ctypes
 import io
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from contextlib import contextmanager, redirect_stderr
 from datetime import datetime
@@ -146,7 +148,7 @@ def open_llama_judge(cfg):
     from llama_cpp import Llama  # optional dependency: only the llama_cpp judge needs it
 
     try:
-        with quiet_stderr(), no_weight_repacking():
+        with quiet_stderr(), hold_ctrl_c(), no_weight_repacking():
             # n_batch <= 512 is a multiple of KEEP_ALIGN, or it is n_ctx and holds any prompt in one batch
             llm = Llama(model_path=str(path), n_ctx=cfg.n_ctx, n_batch=min(512, cfg.n_ctx or 512),
                         n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads, logits_all=False,
@@ -204,6 +206,26 @@ def no_weight_repacking():
         yield
     finally:
         lib.llama_model_default_params = factory
+
+
+@contextmanager
+def hold_ctrl_c():
+    """Hold a Ctrl-C that arrives inside the block and raise it when the block ends. llama.cpp calls
+    back into Python while it loads a model (llama-cpp-python's log callback, once per log line), and a
+    KeyboardInterrupt raised inside a ctypes callback is printed and dropped: the run would go on as if
+    Ctrl-C had not been pressed. Loading takes seconds, so holding it costs no more than that."""
+    if (threading.current_thread() is not threading.main_thread()  # handlers belong to the main thread
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # ignored, or someone's own
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pressed:
+            raise KeyboardInterrupt
 
 
 @contextmanager
