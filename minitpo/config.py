@@ -37,7 +37,7 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class ThoughtConfig:
-    template: str = "generic"  # generic | specific | direct (no thought) | path to a template file
+    template: str = "generic"  # generic | specific | think | direct (no thought) | a template file
     marker: str | None = None  # for a template file: the text after which the response starts
     system_prompt: bool = False  # put the thought instructions in the system prompt (paper variant)
     min_words: int = 0  # an output whose thought has fewer words is a format failure (rejected, never
@@ -108,7 +108,7 @@ class JudgeConfig:
     n_gpu_layers: int = -1  # llama.cpp layers offloaded to the GPU; -1 = all, 0 = CPU only
     n_threads: int | None = None  # llama.cpp CPU threads; null = its default. Its threads spin while
     #   waiting, so on a CPU shared with other work fewer threads can be much faster
-    rho: float | Literal["auto"] = 0.0  # length control in [0, 0.5] (TPO.md step 5); auto = tuned per iteration
+    rho: float | Literal["auto"] = 0.0  # length control in [0, 0.5] (docs/method.md step 5); auto = tuned per iteration
     prompt: str | None = None  # judge prompt template file with {instruction} and {response}
     quantization: Literal["nf4", "none"] = "none"  # reward_model: load it 4-bit to save memory
     batch_size: int = 16  # reward_model: responses scored per forward pass

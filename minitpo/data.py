@@ -2,7 +2,7 @@
 
 Consumes `data.instructions` (.jsonl with "instruction" and optional "category", or .txt with one
 instruction per line). Produces `Instruction`s: the held-out set first, then one fresh, disjoint slice
-per iteration, so no instruction is trained on twice and held-out ones never are (TPO.md step 1).
+per iteration, so no instruction is trained on twice and held-out ones never are (docs/method.md step 1).
 """
 
 import json

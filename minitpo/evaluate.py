@@ -7,7 +7,7 @@ Produces `eval/{model}-vs-{against}.json` (the win rate with a 95% bootstrap int
 probability, parse rates and response lengths, all per category too; `minitpo report` plots it) and
 `eval/{model}-vs-{against}.jsonl` (one row per instruction: both responses and the judge's p).
 
-As at inference (TPO.md), the judge sees responses only, never thoughts. Each model writes ONE output
+As at inference (docs/method.md), the judge sees responses only, never thoughts. Each model writes ONE output
 per instruction, sampled with the recipe's temperature and top-p, from the same seed. A GGUF judge
 compares the two responses pairwise (minitpo/judges/pairwise.py), reading both orders to cancel position
 bias, and returns p = P(model's response is better); a pointwise judge (python, reward_model) scores

@@ -162,8 +162,8 @@ def sequence_logps(
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probs of the completion tokens (B,) float32 and their counts (B,) int64, without ever
     building the (B, T, V) logits; see the module docstring for how. Differentiable w.r.t. every trainable
-    parameter below lm_head (LoRA weights included); to score with the reference, call it under
-    `torch.no_grad()` and peft's `model.disable_adapter()`.
+    parameter below lm_head (LoRA weights included). The reference is the policy as it stands before
+    the iteration trains (M_t): train.py scores the pairs with it under `torch.no_grad()` first.
     """
     _check_masks(input_ids, attention_mask, completion_mask)
     assert chunk_size > 0, f"chunk_size must be positive, got {chunk_size}"

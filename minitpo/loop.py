@@ -1,4 +1,4 @@
-"""The TPO loop: for each iteration, sample -> judge -> pair -> train -> save (TPO.md steps 1-8).
+"""The TPO loop: for each iteration, sample -> judge -> pair -> train -> save (docs/method.md steps 1-8).
 
 This is the one place where the whole algorithm is visible. Each stage reads the previous stage's
 files in `iter-N/` and writes its own, atomically; a stage whose output exists is skipped, so a

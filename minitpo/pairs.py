@@ -1,4 +1,4 @@
-"""Length control and chosen/rejected selection (TPO.md steps 5 and 6).
+"""Length control and chosen/rejected selection (docs/method.md steps 5 and 6).
 
 Consumes, per instruction, its K candidates with their raw judge scores. Produces at most one `Pair`
 per instruction: chosen = the best length-controlled score, rejected = a parse failure when there is
@@ -36,7 +36,7 @@ def normalise(values: list[float]) -> list[float]:
 
 
 def length_controlled_scores(scores: list[float], lengths: list[float], rho: float) -> list[float]:
-    """s_i = norm(score)_i - rho * norm(length)_i over one instruction's parsed responses (TPO.md step 5).
+    """s_i = norm(score)_i - rho * norm(length)_i over one instruction's parsed responses (docs/method.md step 5).
 
     Example: scores [2, 4, 6] and lengths [10, 20, 60] normalise to [-1.22, 0, 1.22] and
     [-0.93, -0.46, 1.39]; with rho = 0.5, s = [-0.76, 0.23, 0.53]."""
@@ -106,7 +106,7 @@ RHO_GRID = [i / 20 for i in range(11)]  # 0, 0.05, ..., 0.5: the paper's range
 
 def auto_rho(candidates, raw: dict[tuple[int, int], float]) -> float:
     """The smallest rho on RHO_GRID for which the mean chosen response is not longer than the mean
-    rejected one (how the paper tunes it, TPO.md step 5); 0.5 when none is. Only pairs whose rejected
+    rejected one (how the paper tunes it, docs/method.md step 5); 0.5 when none is. Only pairs whose rejected
     side parsed have a response length to compare; with none, rho = 0."""
     for rho in RHO_GRID:
         chosen, rejected = pair_lengths(candidates, build_pairs(candidates, raw, control_length(candidates, raw, rho)))

@@ -219,10 +219,9 @@ def _check_files(recipe: Recipe) -> None:
         from minitpo.judges.llama import load_prompt_template  # checks its {instruction} and {response}
 
         load_prompt_template(judge.prompt)
-    if recipe.thought.template not in ("generic", "specific", "direct"):
-        from minitpo.prompts import load_template  # validates the file and its marker
+    from minitpo.prompts import load_template  # a shipped name or a file: validates it and its marker
 
-        load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
+    load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
     _check_out(recipe.out)
 
 

@@ -2,8 +2,8 @@
 calls it): one line on stderr that names the key or file, exit status 2, no traceback, and nothing
 written, which also means no model was loaded (the run directory is created before anything loads).
 
-Each case builds its input in a temporary folder from the tiny recipe. The catalog in the note of
-issue 12 is this table."""
+Each case builds its input in a temporary folder from the tiny recipe; the table below is the catalog
+of bad inputs and their messages."""
 
 import sys
 

@@ -149,7 +149,7 @@ def test_lora_gradients_match_naive(family):
 
 
 def test_disabled_adapter_scores_the_base_model():
-    # The reference model is the policy with adapters off: same numbers as the bare base model.
+    # With its adapters off, the policy scores exactly as its bare base model (the seed).
     base = tiny_model("llama")
     input_ids, attention_mask, completion_mask, _ = make_batch(LENGTHS, PROMPTS, SEQ_LEN)
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_disabled_adapter_scores_the_base_model():
         with model.disable_adapter():
             ref, _ = sequence_logps(model, input_ids, attention_mask, completion_mask)
         policy, _ = sequence_logps(model, input_ids, attention_mask, completion_mask)
-    # 1e-4, the tolerance of every lean-vs-naive comparison here (issue 3): sums of ~60 in float32
+    # 1e-4, the tolerance of every lean-vs-naive comparison here: sums of ~60 in float32
     torch.testing.assert_close(ref, expected, atol=1e-4, rtol=0)
     assert (policy - ref).abs().max() > 1e-3, "random LoRA weights should change the log-probs"
 

@@ -1,4 +1,4 @@
-"""Pairwise judge (TPO.md step 4, the paper's Self-Taught Evaluator setup) on a GGUF model via llama.cpp.
+"""Pairwise judge (docs/method.md step 4, the paper's Self-Taught Evaluator setup) on a GGUF model via llama.cpp.
 
 Consumes: a `JudgeConfig` (type llama_cpp, mode pairwise) and groups (instruction, its K responses).
 Produces: one Bradley-Terry score per response, fit within its group (`bradley_terry`, below), plus stats on the judge's
@@ -106,7 +106,7 @@ def pairwise_verdicts(llm, instructions: list[str], first: list[str], second: li
 
 
 def battle_matrix(p: dict[tuple[int, int], float], k: int) -> list[list[float]]:
-    """B[m][n] = 1[m beats n shown first] + 1[m beats n shown second] (TPO.md step 4), where
+    """B[m][n] = 1[m beats n shown first] + 1[m beats n shown second] (docs/method.md step 4), where
     p[(m, n)] = P(m better | m shown first, n second). B[m][n] + B[n][m] = 2 for m != n."""
     return [[0.0 if m == n else verdict(p[(m, n)]) + 1.0 - verdict(p[(n, m)]) for n in range(k)] for m in range(k)]
 
@@ -176,7 +176,7 @@ def compare(cfg, instructions: list[str], responses_a: list[str], responses_b: l
 
 
 def bradley_terry(wins, prior: float = 0.5, max_iter: int = 10_000, tol: float = 1e-10) -> list[float]:
-    """Bradley-Terry strengths e from a K x K battle matrix, wins[m][n] = times m beat n (TPO.md step 4).
+    """Bradley-Terry strengths e from a K x K battle matrix, wins[m][n] = times m beat n (docs/method.md step 4).
 
     Maximises sum_{m,n} B[m][n] * log sigmoid(e_m - e_n) (Bradley & Terry 1952), where
     B = wins + `prior` pseudo-wins each way between every pair: the prior keeps the maximum finite

@@ -1,4 +1,4 @@
-"""Reward-model judge (TPO.md step 4, pointwise, as the paper's ArmoRM): a transformers sequence classifier.
+"""Reward-model judge (docs/method.md step 4, pointwise, as the paper's ArmoRM): a transformers sequence classifier.
 
 Consumes: a `JudgeConfig` (type reward_model; model = Hub id or local folder of any
 `AutoModelForSequenceClassification` with one output, e.g. Skywork-Reward-V2-Qwen3-0.6B) and parallel
