@@ -115,6 +115,11 @@ def build_prompt(tokenizer, template: Template, instruction: str, system_prompt:
     return "\n\n".join(m["content"] for m in messages) + "\n"
 
 
+def word_count(thought: str) -> int:
+    """Words in a thought, the one count thought.min_words and the thought rate use: runs of non-space."""
+    return len(thought.split())
+
+
 def split_output(text: str, template: Template) -> tuple[str, str] | None:
     """(thought, response), or None when the output breaks the format.
 
@@ -132,6 +137,6 @@ def split_output(text: str, template: Template) -> tuple[str, str] | None:
         if template.thought_prefix in response:
             return None  # the thought came after the response: out of order
         thought = thought.removeprefix(template.thought_prefix).strip()
-    if not response or len(thought.split()) < template.min_words:
+    if not response or word_count(thought) < template.min_words:
         return None
     return thought, response

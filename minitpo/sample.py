@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minitpo.prompts import Template, build_prompt, split_output
+from minitpo.prompts import Template, build_prompt, split_output, word_count
 
 
 GENERATE_AUTO_BATCH = 64  # sampling.engine generate with batch_size auto
@@ -62,7 +62,7 @@ def wrote_marker(c: Candidate, marker: str | None) -> bool:
 def thinks(c: Candidate, marker: str | None) -> bool:
     """The model wrote, by itself, a thought of THOUGHT_MIN_WORDS words or more, the marker, and a
     response: the format TPO teaches."""
-    return wrote_marker(c, marker) and c.parsed and len(c.thought.split()) >= THOUGHT_MIN_WORDS
+    return wrote_marker(c, marker) and c.parsed and word_count(c.thought) >= THOUGHT_MIN_WORDS
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -141,8 +141,8 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg, s
                 continue
             # a thought cut by its budget ends at its last whole sentence, so the marker follows a sentence
             thought = text if ended else whole_sentences(text)
-            words = thought.strip().removeprefix(template.thought_prefix).split()
-            if not has_marker and len(words) < template.min_words:
+            words = word_count(thought.strip().removeprefix(template.thought_prefix))
+            if not has_marker and words < template.min_words:
                 continue  # too short a thought to force: it stays a format failure
             head = text if has_marker else thought.rstrip() + "\n\n" + marker + "\n"
             head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]

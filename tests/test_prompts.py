@@ -98,3 +98,10 @@ def test_custom_template_file(tmp_path):
     (tmp_path / "bad.txt").write_text("no placeholder")
     with pytest.raises(UserError, match="placeholder"):
         load_template(str(tmp_path / "bad.txt"), marker="x")
+
+
+def test_word_count_counts_runs_of_non_space_across_tabs_and_newlines():
+    from minitpo.prompts import word_count
+
+    assert word_count("  Let me\tthink it\nthrough -- twice. ") == 7  # Let me think it through -- twice.: "--" is a word: no punctuation rules
+    assert word_count("") == word_count(" \n\t ") == 0
