@@ -18,7 +18,6 @@ the wall time of the run. Writes OUT/draws.json.
 """
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys

@@ -39,7 +39,6 @@ for its n-th token is the n-th of that seed's stream (`uniform_table`), read ins
 slot, batch or process draws a sequence never changes its tokens.
 """
 
-import gc
 import inspect
 import os
 import warnings
@@ -49,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from minitpo.dense import build_sampling_model, load_dense_weights
+from minitpo.device import free_memory
 from minitpo.model import attention_head_dim, hf_model
 
 SYNC_EVERY = 16  # decode steps between host syncs; a finished slot idles at most this long
@@ -418,9 +418,7 @@ def release():
     if _cached is not None and _cached[1].forward is not _logits:
         torch._dynamo.reset()  # else each iteration's new engine piles up recompiles until dynamo gives up
     _cached = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
 def uniform_table(seeds: list[int], n: int) -> torch.Tensor:

@@ -16,17 +16,16 @@ breaks the thought format (or hits max_new_tokens) has no response to show a use
 parsed one without a judge call; two failures tie, and so do two identical responses.
 """
 
-import gc
 import statistics
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from minitpo import io, rundir
 from minitpo.config import Recipe
 from minitpo.recipe import load_recipe
 from minitpo.data import Instruction
+from minitpo.device import free_memory
 from minitpo.errors import UserError
 from minitpo.judges import compare, verdict
 from minitpo.prompts import load_template
@@ -252,9 +251,7 @@ def _sample_one(recipe: Recipe, run_dir: Path, name: str, instructions, samples:
                                    seed=recipe.sampling.seed, system_prompt=recipe.thought.system_prompt)
     engine.release()
     del policy
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     return candidates
 
 

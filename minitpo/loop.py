@@ -37,7 +37,8 @@ from minitpo.recipe import recipe_to_dict
 from minitpo.data import Instruction, load_instructions, split_instructions
 from minitpo.errors import UserError
 from minitpo.judges.llama import load_prompt_template
-from minitpo.model import enable_checkpointing, load_policy, pick_device, save_adapter
+from minitpo.device import free_memory, pick_device
+from minitpo.model import enable_checkpointing, load_policy, save_adapter
 from minitpo.pairs import Pair, auto_rho, build_pairs, by_instruction, control_length
 from minitpo.prompts import load_template
 from minitpo.sample import Candidate, eos_token_ids, sample_candidates
@@ -242,9 +243,7 @@ class Policy:
         return eos_token_ids(self.model, self.tokenizer)[0]
 
     def free_cache(self):
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
 
 def _checkpointing(recipe: Recipe) -> bool:

@@ -6,24 +6,20 @@ DPO is never loaded separately: reference log-probs are computed once per iterat
 model before training (see train.py), so only one copy of the base ever sits in memory.
 """
 
-import functools
 import hashlib
 import logging
 import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minitpo.config import PolicyConfig
+from minitpo.device import default_dtype, nf4_config, pick_device
 from minitpo.errors import UserError
 from minitpo.io import write_dir
 
 LORA_INIT_SEED = 0
-
-
-def pick_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def attention_head_dim(config) -> int:
@@ -31,17 +27,9 @@ def attention_head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16); elsewhere torch emulates
-    bf16 matmuls, slower than float32. torch's own CPU-feature probes (private, hence the getattr)."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
 def compute_dtype(cfg: PolicyConfig, device: str) -> torch.dtype:
     if cfg.dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        return default_dtype(device)
     return getattr(torch, cfg.dtype)
 
 
@@ -145,12 +133,8 @@ def _load_base(cfg: PolicyConfig, device: str, dtype: torch.dtype):
     source = _source(cfg.model)
     if cfg.quantization == "none":
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
-    bnb = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-    )
     model = AutoModelForCausalLM.from_pretrained(
-        source, quantization_config=bnb, dtype=dtype, device_map={"": device}
+        source, quantization_config=nf4_config(dtype), dtype=dtype, device_map={"": device}
     )
     disable_bnb_cpu_weight_packing(model)
     return model

@@ -26,7 +26,8 @@ from minitpo import dist
 from minitpo.config import TrainConfig
 from minitpo.logps import sequence_logps
 from minitpo.loss import nll_loss, preference_loss
-from minitpo.model import cpu_has_native_bf16, load_trainable_state, trainable_state
+from minitpo.device import cpu_has_native_bf16
+from minitpo.model import load_trainable_state, trainable_state
 
 MIN_PROMPT_TOKENS = 16  # a pair that would keep fewer prompt tokens than this is skipped instead
 

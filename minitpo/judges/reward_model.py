@@ -7,29 +7,27 @@ last real token of (instruction, response) rendered as a [user, assistant] chat.
 per call and released before returning, so training gets the memory back.
 """
 
-import gc
 
 import torch
 from tqdm import tqdm
 
+from minitpo.device import default_dtype, free_memory, nf4_config, pick_device
 from minitpo.errors import UserError
 
 
 def load_reward_model(cfg, device: str):
     """(tokenizer, model) in eval mode: bf16 on CUDA, fp32 on CPU, 4-bit NF4 when cfg.quantization == "nf4"."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from minitpo.model import quiet_libraries
 
     quiet_libraries()
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = default_dtype(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         if cfg.quantization == "nf4":
-            bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                     bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
             model = AutoModelForSequenceClassification.from_pretrained(
-                cfg.model, quantization_config=bnb, dtype=dtype, device_map={"": device})
+                cfg.model, quantization_config=nf4_config(dtype), dtype=dtype, device_map={"": device})
         else:
             model = AutoModelForSequenceClassification.from_pretrained(cfg.model, dtype=dtype).to(device)
     except OSError as e:
@@ -88,8 +86,7 @@ def score_responses(cfg, instructions: list[str], responses: list[str], progress
     assert len(instructions) == len(responses), f"{len(instructions)} instructions, {len(responses)} responses"
     if not responses:
         return []
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer, model = load_reward_model(cfg, device)
+    tokenizer, model = load_reward_model(cfg, pick_device())
     try:
         rendered = [render(tokenizer, i, r) for i, r in zip(instructions, responses)]
         scores = []
@@ -101,6 +98,4 @@ def score_responses(cfg, instructions: list[str], responses: list[str], progress
         return [{"score": s, "score_mass": None} for s in scores]
     finally:
         del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
