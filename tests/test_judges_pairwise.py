@@ -157,3 +157,15 @@ def test_compare_averages_both_orders(cfg):
     assert p == pytest.approx([(x + 1 - y) / 2 for x, y in zip(p_ab, p_ba)], abs=1e-4)
     assert all(0 < x < 1 for x in p)
     assert pairwise.compare(cfg, [], [], []) == []
+
+
+def test_two_orders_combine_by_hand():
+    from minitpo.judges.pairwise import same_winner, two_order_p
+
+    # A first: 0.9 for A; B first: 0.3 for B, i.e. 0.7 for A. Mean 0.8, and both orders pick A.
+    assert two_order_p(0.9, 0.3) == pytest.approx(0.8)
+    assert same_winner(0.9, 0.3)
+    # A pure position bias (the first shown always wins at 0.9) cancels to 0.5 and is inconsistent.
+    assert two_order_p(0.9, 0.9) == pytest.approx(0.5)
+    assert not same_winner(0.9, 0.9)
+    assert same_winner(0.5, 0.5)  # a tie both ways is the same outcome

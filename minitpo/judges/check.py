@@ -114,13 +114,13 @@ def check_judge(cfg, items: list[Item], progress: bool = True) -> dict:
 
 
 def _pairwise(cfg, items, progress):
-    from minitpo.judges.pairwise import both_orders
+    from minitpo.judges.pairwise import both_orders, same_winner, two_order_p
 
     masses = []
     p = both_orders(cfg, [it.prompt for it in items], [it.chosen for it in items], [it.rejected for it in items],
                     progress, desc="judge-check", masses=masses)
-    consistent = [verdict(p_ab) == 1.0 - verdict(p_ba) for p_ab, p_ba in p]  # the same winner in both orders
-    ps = [(p_ab + 1.0 - p_ba) / 2 for p_ab, p_ba in p]  # as pairwise.compare
+    consistent = [same_winner(p_ab, p_ba) for p_ab, p_ba in p]
+    ps = [two_order_p(p_ab, p_ba) for p_ab, p_ba in p]  # as pairwise.compare
     return ps, {"verdict_mass": statistics.fmean(masses), "position_consistency": statistics.fmean(consistent)}
 
 

@@ -144,7 +144,7 @@ def judge_pairwise(cfg, groups: list[tuple[str, list[str]]], progress: bool = Tr
         for m in range(k):
             for n in range(m + 1, k):
                 unordered += 1
-                agree += verdict(p[(m, n)]) == 1.0 - verdict(p[(n, m)])  # same winner (or a tie) in both orders
+                agree += same_winner(p[(m, n)], p[(n, m)])
         scores.append(bradley_terry(battle_matrix(p, k)))
     stats = {"position_consistency": agree / unordered if unordered else None,
              "pairs_judged": len(todo), "pairs_cached": len(keys) - len(todo), "pairs_cut": len(cut)}
@@ -170,9 +170,19 @@ def both_orders(cfg, instructions: list[str], responses_a: list[str], responses_
 
 def compare(cfg, instructions: list[str], responses_a: list[str], responses_b: list[str],
             progress: bool = True) -> list[float]:
-    """P(A better than B) per item, averaged over both orders: (p_ab + (1 - p_ba)) / 2, which cancels
-    the judge's position bias to first order."""
-    return [(p_ab + 1.0 - p_ba) / 2 for p_ab, p_ba in both_orders(cfg, instructions, responses_a, responses_b, progress)]
+    """P(A better than B) per item, averaged over both orders (`two_order_p`)."""
+    return [two_order_p(p_ab, p_ba) for p_ab, p_ba in both_orders(cfg, instructions, responses_a, responses_b, progress)]
+
+
+def two_order_p(p_ab: float, p_ba: float) -> float:
+    """P(A better than B) from P(A better | A shown first) and P(B better | B shown first):
+    (p_ab + (1 - p_ba)) / 2, which cancels the judge's position bias to first order."""
+    return (p_ab + 1.0 - p_ba) / 2
+
+
+def same_winner(p_ab: float, p_ba: float) -> bool:
+    """The two orders pick the same winner (or both tie): position consistency's unit."""
+    return verdict(p_ab) == 1.0 - verdict(p_ba)
 
 
 def bradley_terry(wins, prior: float = 0.5, max_iter: int = 10_000, tol: float = 1e-10) -> list[float]:
