@@ -33,7 +33,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
 
+from minitpo.device import cpu_has_native_bf16
 from minitpo.engine import generate_tokens, release
+from minitpo.model import hf_model
 
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -93,6 +95,9 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="engine without torch.compile and CUDA graphs (eager)")
     ap.add_argument("--graphs-only", action="store_true", help="engine with CUDA graphs but without torch.compile")
     ap.add_argument("--skip-generate", action="store_true", help="time only the engine")
+    ap.add_argument("--bound", action="store_true",
+                    help="also time the decode step's matmuls alone (float32, and bf16 where the CPU has it) and "
+                         "print the engine's share of that bound")
     ap.add_argument("--policy", help="a real model instead of --shape (a policy.model value), full precision")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="with --policy: the model's dtype, which the engine's sampling copy takes on CPU")
@@ -147,6 +152,34 @@ def main():
         print(f"speed-up: {rows[0][1] / rows[1][1]:.1f}x")
     if device.type == "cuda":
         print(f"allocated after release(): {gib(torch.cuda.memory_allocated())} (the policy itself)")
+    if args.bound:
+        engine_tok_s = n_tokens / rows[-1][1]
+        dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" or cpu_has_native_bf16() else [])
+        for dtype in dtypes:
+            step_s = matmul_step_seconds(model, args.batch, dtype, device)
+            bound = args.batch / step_s
+            print(f"matmul bound {str(dtype).removeprefix('torch.'):<9} {step_s * 1e3:8.1f} ms/step {bound:8.0f} tok/s"
+                  f"   engine at {engine_tok_s / bound:.2f} of it")
+
+
+def matmul_step_seconds(model, batch, dtype, device, reps=5):
+    """Seconds of one decode step's matmuls alone: every Linear of the model (each layer's projections and
+    the LM head; LoRA excluded, the engine samples from a merged copy) applied to `batch` rows with
+    F.linear, on copies of the real weights in `dtype`. The best of `reps` runs."""
+    weights = [m.weight.detach().to(dtype) for name, m in hf_model(model).named_modules()
+               if isinstance(m, torch.nn.Linear) and "lora_" not in name]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=dtype, device=device) for w in weights}
+    best = float("inf")
+    for _ in range(reps + 1):  # the first run warms the kernels up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 if __name__ == "__main__":
