@@ -28,9 +28,12 @@ def run(recipe, overrides, out, fresh):
     OVERRIDES are dotted KEY=VALUE pairs applied on top of the recipe, e.g. sampling.k=4 train.lr=1e-5."""
     from minitpo.recipe import load_recipe
 
-    if out:
+    if out is not None:  # --out "" (an unset variable) is refused by load_recipe, never the working directory
         overrides = (*overrides, f"out={out}")
     recipe = load_recipe(recipe, list(overrides))  # every check that needs no model, before torch imports
+    from minitpo.rundir import check_out
+
+    check_out(recipe.out, fresh)  # --fresh deletes only a folder minitpo made
     from minitpo.loop import run as run_loop
 
     run_loop(recipe, fresh=fresh)  # prints a line per iteration, then the evaluation when the recipe asks

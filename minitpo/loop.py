@@ -58,10 +58,12 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     with ExitStack() as held:
         def setup():
             held.enter_context(rundir.lock(out))  # one writer: a second run on this directory stops here
+            rundir.check_out(out, fresh)  # --fresh deletes, and a run writes into, only minitpo's folders
             if fresh:
                 rundir.clear(out)
             rundir.remove_stale_temps(out)  # left by a killed run's unfinished writes
             _claim_run_dir(out, recipe)
+            rundir.mark(out)
             if recipe.judge.type == "llama_cpp" and recipe.judge.mode == "pointwise" and not (out / "judge_prompt.txt").exists():
                 io.write_text(out / "judge_prompt.txt", load_prompt_template(recipe.judge.prompt))  # what the judge saw
             if not (out / "held_out.jsonl").exists():

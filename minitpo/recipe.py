@@ -52,6 +52,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
     for item in overrides:
         _apply_override(raw, item)
     raw.setdefault("out", str(Path("runs") / path.stem))
+    if not isinstance(raw["out"], str) or not raw["out"].strip():  # `out=$OUT` with OUT unset
+        raise UserError(f"out: {raw['out']!r} is empty; give a run directory, or leave out unset for "
+                        f"runs/{path.stem}")
     recipe = _build(Recipe, raw, prefix="")
     if check_files:
         _check_files(recipe)

@@ -13,6 +13,11 @@ The writer: `lock(out)` is held for the whole of `minitpo run` and refuses, in o
 another process holds; `clear(out)` is what --fresh does, under that lock; `remove_stale_temps(out)`
 removes the temporary files a killed process left behind.
 
+Only minitpo's own folders are ever deleted. `mark(out)` writes RUN_DIR/.minitpo when a run claims
+a directory; `check_out(out, fresh)` refuses, before anything loads or is written, --fresh on a folder
+without it (a run from before the marker counts by its recipe.yaml and held_out.jsonl) and a run into
+a folder of someone else's files; `clear` checks again under the lock.
+
 The lock is `flock` on RUN_DIR/.lock: the kernel releases it when the holding process exits, however it
 exits (SIGKILL included), so a killed run never leaves it stuck; the file itself staying behind means
 nothing. The holder's pid is written into it, for the message a second run prints.
@@ -28,10 +33,12 @@ from pathlib import Path
 
 from minitpo.config import PolicyConfig, SamplingConfig
 from minitpo.errors import UserError
+from minitpo import io
 from minitpo.io import read_json
 from minitpo.prompts import Template, load_template
 
 LOCK = ".lock"
+MARKER = ".minitpo"  # written when a run claims its directory: --fresh deletes only a folder that has it
 SUMMARY = "summary.json"  # in iter-N/, written last: the iteration is finished
 METRICS = "metrics.jsonl"  # in RUN_DIR/: the finished summaries, in order
 ADAPTER = "adapter"  # in iter-N/: the LoRA adapter of model N
@@ -152,8 +159,42 @@ def lock(out: Path):
         os.close(fd)  # releases the flock
 
 
+def is_run_dir(out: Path) -> bool:
+    """minitpo wrote this folder: it has the marker, or it is a run from before the marker."""
+    out = Path(out)
+    return (out / MARKER).is_file() or ((out / "recipe.yaml").is_file() and (out / "held_out.jsonl").is_file())
+
+
+def _others(out: Path) -> list[str]:
+    """The names in `out` that are not minitpo's lock or marker."""
+    return sorted(e.name for e in Path(out).iterdir() if e.name not in (LOCK, MARKER))
+
+
+def check_out(out: Path, fresh: bool) -> None:
+    """Refuse, in one line, to delete (--fresh) or to write into a folder of files minitpo did not write.
+    A new or empty folder, and a run directory, pass."""
+    out = Path(out)
+    if not out.is_dir() or is_run_dir(out) or not (others := _others(out)):
+        return
+    shown = ", ".join(repr(n) for n in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    if fresh:
+        raise UserError(f"out: {str(out)!r} is not a run directory minitpo made (it holds {shown}) and --fresh "
+                        "deletes only those; give another --out, or delete the folder yourself")
+    if not (out / "recipe.yaml").is_file():  # a run with only its recipe written yet is checked by the loop
+        raise UserError(f"out: {str(out)!r} holds files minitpo did not write ({shown}); give a new or empty "
+                        "directory with --out")
+
+
+def mark(out: Path) -> None:
+    """Mark RUN_DIR as minitpo's (once): what lets a later --fresh delete it."""
+    if not (Path(out) / MARKER).is_file():
+        io.write_text(Path(out) / MARKER, "A minitpo run directory: `minitpo run --fresh` may delete it.\n")
+
+
 def clear(out: Path) -> None:
-    """Delete everything in RUN_DIR but its lock (--fresh). Call it with the lock held."""
+    """Delete everything in RUN_DIR but its lock (--fresh), only if minitpo wrote it (check_out). Call it
+    with the lock held."""
+    check_out(out, fresh=True)
     for entry in Path(out).iterdir():
         if entry.name == LOCK:
             continue

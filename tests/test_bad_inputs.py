@@ -31,6 +31,9 @@ def _setup(tmp):
     (tmp / "latin1.yaml").write_bytes(TINY_RECIPE.replace("# tiny", "# caf\xe9").encode("latin-1"))
     (tmp / "list.yaml").write_text("- policy\n- data\n")
     (tmp / "no_policy.yaml").write_text("data: {instructions: x.jsonl}\njudge: {type: python, function: m:f}\n")
+    (tmp / "thesis" / "data").mkdir(parents=True)  # a user's folder: minitpo must never delete or write into it
+    (tmp / "thesis" / "thesis.tex").write_text("\\chapter{One}")
+    (tmp / "thesis" / "data" / "table.csv").write_text("a,b\n")
 
 
 RANGE = [  # (override, key named in the message): every numeric key out of its range
@@ -103,6 +106,11 @@ CASES = [  # (id, recipe file or None for the tiny recipe, extra arguments, text
     ("evaluate without held-out", None, ["evaluate=true", "data.held_out=0"], "evaluate: true needs held-out instructions"),
     ("out is a file", None, ["--out", "TMP/a_file"], "out: 'TMP/a_file' is a file"),
     ("out under a file", None, ["--out", "TMP/a_file/run"], "out: 'TMP/a_file/run' cannot be created: 'TMP/a_file' is a file"),
+    # minitpo deletes only what it wrote (issue 26)
+    ("--fresh on a user's folder", None, ["--out", "TMP/thesis", "--fresh"],
+     "out: 'TMP/thesis' is not a run directory minitpo made (it holds 'data', 'thesis.tex') and --fresh deletes only those"),
+    ("run into a user's folder", None, ["--out", "TMP/thesis"], "out: 'TMP/thesis' holds files minitpo did not write ('data', 'thesis.tex')"),
+    ("--out empty", None, ["--out", "", "--fresh"], "out: '' is empty; give a run directory"),
 ]
 
 
@@ -126,6 +134,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch,
     assert fill(message) in lines[0], lines[0]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
     assert (tmp_path / "a_file").read_text() == "x"
+    assert sorted(p.name for p in (tmp_path / "thesis").rglob("*")) == ["data", "table.csv", "thesis.tex"]
 
 
 def test_a_run_directory_of_another_recipe_is_refused_and_kept(tmp_path, monkeypatch, capsys):

@@ -84,6 +84,7 @@ def test_lock_refuses_a_second_holder_and_clear_keeps_it(tmp_path, fresh):
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "old.txt").write_text("x")
+    rundir.mark(tmp_path / "run")  # minitpo's: clear may delete it
     (tmp_path / "run" / ".candidates.jsonl.abc.tmp").write_text("half")
     with rundir.lock(tmp_path / "run"):
         with pytest.raises(UserError, match=r"is in use by another minitpo run \(pid \d+\)"):
@@ -93,6 +94,25 @@ def test_lock_refuses_a_second_holder_and_clear_keeps_it(tmp_path, fresh):
         if fresh:
             rundir.clear(tmp_path / "run")
         left = sorted(p.name for p in (tmp_path / "run").iterdir())
-        assert left == ([".lock"] if fresh else [".lock", "old.txt"])
+        assert left == ([".lock"] if fresh else [".lock", ".minitpo", "old.txt"])
     with rundir.lock(tmp_path / "run"):  # released on exit
         pass
+
+
+@pytest.mark.parametrize("files", [["thesis.tex"], ["recipe.yaml", "notes.txt"], ["held_out.jsonl"]])
+def test_clear_refuses_a_folder_minitpo_did_not_make(tmp_path, files):
+    """--fresh deletes only a folder with minitpo's marker, or a run from before the marker (recipe.yaml
+    and held_out.jsonl): a folder of anything else is refused in one line and left as it was."""
+    from minitpo.errors import UserError
+
+    for name in files:
+        (tmp_path / name).write_text("mine")
+    with rundir.lock(tmp_path):
+        with pytest.raises(UserError, match="is not a run directory minitpo made"):
+            rundir.clear(tmp_path)
+    assert all((tmp_path / name).read_text() == "mine" for name in files)
+    (tmp_path / "held_out.jsonl").write_text("")  # recipe.yaml + held_out.jsonl: a run from before the marker
+    if (tmp_path / "recipe.yaml").exists():
+        with rundir.lock(tmp_path):
+            rundir.clear(tmp_path)
+        assert [p.name for p in tmp_path.iterdir()] == [".lock"]
