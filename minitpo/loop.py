@@ -5,6 +5,7 @@ files in `iter-N/` and writes its own, atomically; a stage whose output exists i
 killed run resumes from the last finished stage. The run directory is the source of truth:
 
   recipe.yaml          the resolved recipe          held_out.jsonl   instructions kept for eval
+  split.json           each iteration's instructions, fixed when the run starts (never reshuffled)
   metrics.jsonl        one line per iteration
   iter-N/candidates.jsonl  sample   K outputs per instruction, split into thought and response
   iter-N/scores.jsonl      judge    raw judge score, response length, length-controlled score
@@ -34,7 +35,7 @@ import yaml
 from minitpo import dist, engine, io, rundir
 from minitpo.config import Recipe
 from minitpo.recipe import recipe_to_dict
-from minitpo.data import Instruction, load_instructions, split_instructions
+from minitpo.data import Instruction, drop_duplicates, load_instructions, split_instructions
 from minitpo.errors import UserError
 from minitpo.judges.llama import load_prompt_template
 from minitpo.model import enable_checkpointing, load_policy, pick_device, save_adapter
@@ -52,9 +53,13 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     out = Path(recipe.out)
     template = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
     data = recipe.data
-    held_out, slices = split_instructions(  # fails on a bad or short file before anything is written
-        load_instructions(data.instructions), data.per_iteration, data.held_out, recipe.iterations, data.seed
-    )
+    items, duplicates = drop_duplicates(load_instructions(data.instructions))  # fails on a bad file
+    if duplicates and dist.is_main():
+        click.echo(f"data.instructions: {duplicates} repeated instructions dropped (the first of each kept), "
+                   "so none is both held out and trained on", err=True)
+    kept = None if fresh else rundir.kept_split(out)  # a run keeps its split, whatever the file became
+    held_out, slices = split_instructions(items, data.per_iteration, data.held_out, recipe.iterations, data.seed,
+                                          kept=kept)  # fails on a short file before anything is written
     with ExitStack() as held:
         def setup():
             held.enter_context(rundir.lock(out))  # one writer: a second run on this directory stops here
@@ -66,14 +71,14 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
             rundir.mark(out)
             if recipe.judge.type == "llama_cpp" and recipe.judge.mode == "pointwise" and not (out / "judge_prompt.txt").exists():
                 io.write_text(out / "judge_prompt.txt", load_prompt_template(recipe.judge.prompt))  # what the judge saw
-            if not (out / "held_out.jsonl").exists():
-                io.write_jsonl(out / "held_out.jsonl", [dataclasses.asdict(i) for i in held_out])
+            if kept is None or len(slices) > len(kept[1]) or not (out / rundir.SPLIT).exists():
+                rundir.write_split(out, held_out, slices)  # fixed before the first instruction is sampled
             if recipe.judge.check:  # is the judge worth the hours? once per run directory, before sampling
                 _judge_check(out, recipe)
         dist.on_main(setup)  # rank 0 alone holds the lock and writes; a refusal stops every rank
 
         policy = Policy(recipe, out)
-        for t, instructions in enumerate(slices, start=1):
+        for t, instructions in enumerate(slices[:recipe.iterations], start=1):
             it = rundir.iteration_dir(out, t)
             if dist.broadcast((it / rundir.SUMMARY).exists()):
                 continue
@@ -91,7 +96,7 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
             from minitpo.evaluate import evaluate, summary_text
 
             del policy
-            saved = out / "eval" / f"{rundir.iteration_name(len(slices))}-vs-seed.json"
+            saved = out / "eval" / f"{rundir.iteration_name(recipe.iterations)}-vs-seed.json"
             click.echo(summary_text(io.read_json(saved) if saved.exists() else evaluate(out)))
     dist.close()
     return out

@@ -28,16 +28,19 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minitpo.config import PolicyConfig, SamplingConfig
+from minitpo.data import Instruction
 from minitpo.errors import UserError
 from minitpo import io
 from minitpo.io import read_json
 from minitpo.prompts import Template, load_template
 
 LOCK = ".lock"
+HELD_OUT = "held_out.jsonl"  # in RUN_DIR/: the instructions kept for evaluation, never trained on
+SPLIT = "split.json"  # in RUN_DIR/: each iteration's instructions, fixed when the run starts
 MARKER = ".minitpo"  # written when a run claims its directory: --fresh deletes only a folder that has it
 SUMMARY = "summary.json"  # in iter-N/, written last: the iteration is finished
 METRICS = "metrics.jsonl"  # in RUN_DIR/: the finished summaries, in order
@@ -75,6 +78,30 @@ def adapter_dir(out: Path, name: str) -> Path:
 def has_adapter(folder: Path) -> bool:
     """A complete peft adapter folder (it is written as a whole, adapter_config.json included)."""
     return (Path(folder) / "adapter_config.json").is_file()
+
+
+def kept_split(out: Path) -> tuple[list[Instruction], list[list[Instruction]]] | None:
+    """(held_out, slices) as the run directory fixed them, None for a new run. A run from before
+    split.json has the slices its iterations sampled (iter-N/candidates.jsonl, in order)."""
+    out = Path(out)
+    if not (out / HELD_OUT).is_file():
+        return None
+    held = [Instruction(**row) for row in io.read_jsonl(out / HELD_OUT)]
+    if (out / SPLIT).is_file():
+        return held, [[Instruction(**row) for row in s] for s in io.read_json(out / SPLIT)["iterations"]]
+    slices = []
+    while (path := iteration_dir(out, len(slices) + 1) / "candidates.jsonl").is_file():
+        rows = {r["instruction_id"]: Instruction(r["instruction_id"], r["instruction"], r.get("category", ""))
+                for r in io.read_jsonl(path)}
+        slices.append(list(rows.values()))
+    return held, slices
+
+
+def write_split(out: Path, held_out: list[Instruction], slices: list[list[Instruction]]) -> None:
+    """held_out.jsonl (once: evaluation reads it) and split.json, each iteration's instructions."""
+    if not (Path(out) / HELD_OUT).is_file():
+        io.write_jsonl(Path(out) / HELD_OUT, [asdict(i) for i in held_out])
+    io.write_json(Path(out) / SPLIT, {"iterations": [[asdict(i) for i in s] for s in slices]})
 
 
 @dataclass(frozen=True)

@@ -299,3 +299,40 @@ def test_sigkill_at_many_moments_then_resume_loses_only_the_stage_in_flight(tiny
     assert len(jsonl(out / "metrics.jsonl")) == 2
     assert json.load(open(out / "eval" / "iter-2-vs-seed.json"))["n"] == 8
     print(f"{kills} kills, {resumed_finished} finished files checked unchanged across resumes")
+
+
+# ------------------------------------------------------------------ held-out stays held out (issue 26)
+
+QUICK = ["sampling.k=2", "sampling.max_new_tokens=32", "train.epochs=1", "train.val_fraction=0",
+         "judge.type=python", "judge.function=minitpo.verifiable:score"]
+
+
+def test_held_out_instructions_are_never_sampled_with_repeats_and_a_file_that_grew(tmp_path):
+    """Every instruction listed twice, then lines appended between resumes (one a held-out instruction
+    in other case and spacing): no held-out text ever reaches an iteration's candidates, no text is
+    used by two iterations, and the split the run started with is kept."""
+    lines = (TINY / "instructions.jsonl").read_text().splitlines()
+    data = tmp_path / "instructions.jsonl"
+    data.write_text("\n".join(lines + lines) + "\n")  # each instruction twice
+    out = tmp_path / "run"
+    first = minitpo("run", "recipes/tiny.yaml", "--out", out, f"data.instructions={data}", "iterations=1", *QUICK)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "48 repeated instructions dropped" in first.stderr
+    held_before = (out / "held_out.jsonl").read_text()
+    held = [json.loads(line)["text"] for line in held_before.splitlines()]
+    assert len(held) == 8 == len({" ".join(h.lower().split()) for h in held})
+
+    grown = [json.dumps({"instruction": f"Name {n} things that are blue."}) for n in range(2, 12)]
+    grown.append(json.dumps({"instruction": "  " + held[0].upper() + " "}))  # a held-out one, again
+    data.write_text(data.read_text() + "\n".join(grown) + "\n")
+    second = minitpo("run", "recipes/tiny.yaml", "--out", out, f"data.instructions={data}", "iterations=2", *QUICK)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (out / "held_out.jsonl").read_text() == held_before
+
+    norm = lambda text: " ".join(text.lower().split())  # noqa: E731
+    used = [{norm(c["instruction"]) for c in jsonl(out / f"iter-{t}" / "candidates.jsonl")} for t in (1, 2)]
+    assert len(used[0]) == len(used[1]) == 16
+    assert not used[0] & used[1]
+    assert not {norm(h) for h in held} & (used[0] | used[1])
+    split = json.load(open(out / "split.json"))["iterations"]
+    assert [{norm(i["text"]) for i in s} for s in split] == used
