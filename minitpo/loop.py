@@ -86,6 +86,8 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
             if dist.is_main():
                 write_summary(out, t, summary)
                 click.echo(summary_line(summary))
+                for warning in summary["warnings"]:  # an iteration that trained on nothing says so
+                    click.echo(f"warning: iter {t}: {warning}", err=True)
             dist.barrier()
 
         if not dist.is_main():

@@ -256,6 +256,9 @@ def _markdown(run_dir: Path, rows: list[dict], figures: list[tuple[str, str]], n
               "DPO numbers are means over the last epoch's updates. `-` marks a value the run did not record.", ""]
     for heading, name in figures:
         lines += [f"## {heading}", "", f"![{heading}](report/{name})", ""]
+    warnings = [f"iter {r['iteration']}: {w}" for r in rows for w in r.get("warnings") or []]
+    if warnings:  # an iteration that trained on nothing, or on few of its pairs
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)

@@ -81,7 +81,33 @@ def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, judge_s
         # judge prompts over judge.n_ctx, whose response was cut to fit (pairwise: pairs of responses)
         "judge_prompts_cut": judge_stats.get("responses_cut", judge_stats.get("pairs_cut")),
         "stage_wall_s": times,
+        # pairs set aside by train.val_fraction to pick the best epoch: not trained on
+        "pairs_val": train_summary.get("n_val_pairs", 0),
+        "updates": train_summary.get("updates"),
+        # what made the iteration train on little or nothing (the console and the report show them)
+        "warnings": training_warnings(len(pair_rows), len(trained), train_summary),
     }
+
+
+def training_warnings(pairs: int, trained: int, train_summary: dict) -> list[str]:
+    """Why the iteration trained on nothing or on few of its pairs; [] when it trained normally."""
+    if pairs == 0:
+        return ["no pairs: no instruction had a better and a worse candidate (every output the same, a judge "
+                "that ties, or every output a format failure), so nothing was trained"]
+    if trained == 0:
+        return [f"all {pairs} pairs are longer than train.max_length and were skipped, so nothing was trained; "
+                "raise train.max_length"]
+    found = []
+    if trained < pairs / 2:
+        found.append(f"{pairs - trained} of {pairs} pairs are longer than train.max_length and were skipped; "
+                     "raise train.max_length")
+    n_val, n_train = train_summary.get("n_val_pairs", 0), train_summary.get("n_train_pairs", trained)
+    if n_val > n_train:
+        found.append(f"train.val_fraction set {n_val} of {n_val + n_train} pairs aside to pick an epoch and "
+                     f"{n_train} were trained on; lower train.val_fraction")
+    if train_summary.get("updates") == 0:
+        found.append("no optimizer update ran, so nothing was trained")
+    return found
 
 
 def summary_line(s: dict) -> str:
@@ -90,6 +116,7 @@ def summary_line(s: dict) -> str:
         return "-" if x is None else format(x, spec)
     return (f"iter {s['iteration']}: parse {f(s['parse_rate'], '.2f')} | marker {f(s.get('marker_rate'), '.2f')} "
             f"| score {f(s['judge_score'], '.2f')} | "
-            f"pairs {s['pairs_trained']}/{s['instructions']} | thought {f(s['thought_chars'], '.0f')} "
+            f"pairs {s['pairs_trained'] - s.get('pairs_val', 0)}/{s['instructions']}"
+            f"{' (+%d val)' % s['pairs_val'] if s.get('pairs_val') else ''} | thought {f(s['thought_chars'], '.0f')} "
             f"resp {f(s['response_chars'], '.0f')} chars | loss {f(s['train_loss'], '.3f')} "
             f"acc {f(s['reward_accuracy'], '.2f')} | {sum(v for v in s['stage_wall_s'].values() if v):.1f} s")

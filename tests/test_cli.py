@@ -336,3 +336,18 @@ def test_held_out_instructions_are_never_sampled_with_repeats_and_a_file_that_gr
     assert not {norm(h) for h in held} & (used[0] | used[1])
     split = json.load(open(out / "split.json"))["iterations"]
     assert [{norm(i["text"]) for i in s} for s in split] == used
+
+
+def test_a_run_that_trains_on_nothing_says_so_and_the_report_shows_it(tmp_path):
+    out = tmp_path / "run"
+    result = minitpo("run", "recipes/tiny.yaml", "--out", out, "iterations=1", *QUICK, "train.max_length=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.load(open(out / "iter-1" / "summary.json"))
+    pairs = jsonl(out / "iter-1" / "pairs.jsonl")
+    assert pairs and all(p["skipped"] for p in pairs)  # every pair longer than 16 tokens
+    message = f"all {len(pairs)} pairs are longer than train.max_length and were skipped, so nothing was trained"
+    assert summary["warnings"][0].startswith(message) and summary["updates"] == 0
+    assert f"warning: iter 1: {message}" in result.stderr
+    shown = minitpo("report", out)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert f"- iter 1: {message}" in (out / "report.md").read_text()

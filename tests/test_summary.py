@@ -116,3 +116,27 @@ def test_clear_refuses_a_folder_minitpo_did_not_make(tmp_path, files):
         with rundir.lock(tmp_path):
             rundir.clear(tmp_path)
         assert [p.name for p in tmp_path.iterdir()] == [".lock"]
+
+
+@pytest.mark.parametrize("pairs, trained, train_summary, expected", [
+    (0, 0, {"updates": 0}, ["no pairs: no instruction had a better and a worse candidate"]),
+    (16, 0, {"updates": 0}, ["all 16 pairs are longer than train.max_length"]),
+    (16, 6, {"n_train_pairs": 6, "n_val_pairs": 0, "updates": 2}, ["10 of 16 pairs are longer than train.max_length"]),
+    (16, 16, {"n_train_pairs": 2, "n_val_pairs": 14, "updates": 1},
+     ["train.val_fraction set 14 of 16 pairs aside to pick an epoch and 2 were trained on"]),
+    (16, 16, {"n_train_pairs": 12, "n_val_pairs": 4, "updates": 3}, []),
+    (16, 8, {"n_train_pairs": 8, "n_val_pairs": 0, "updates": 2}, []),  # half skipped: not "most"
+])
+def test_an_iteration_that_trains_on_little_or_nothing_is_flagged(pairs, trained, train_summary, expected):
+    from minitpo.summary import training_warnings
+
+    found = training_warnings(pairs, trained, train_summary)
+    assert len(found) == len(expected) and all(f.startswith(e) for f, e in zip(found, expected)), found
+
+
+def test_the_report_lists_the_warnings_of_each_iteration(tmp_path):
+    candidates, scores, pairs, logs, train, stats, times = _iteration()
+    skipped = [{**p, "skipped": True} for p in pairs]
+    write_summary(tmp_path, 1, summarize(1, candidates, scores, skipped, [], {"updates": 0}, stats, times, marker=MARKER))
+    text = report.write_report(tmp_path).read_text()
+    assert "## Warnings" in text and "- iter 1: all 2 pairs are longer than train.max_length" in text
