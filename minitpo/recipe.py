@@ -37,7 +37,10 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
         what = "is a folder" if path.is_dir() else "does not exist"
         raise UserError(f"recipe: {str(path)!r} {what}; give the path of a recipe .yaml file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
+    except _Repeated as e:
+        raise UserError(f"recipe: {path} sets {e.key!r} twice in one section (lines {e.lines[0]} and {e.lines[1]}) "
+                        "and YAML would keep the last silently; keep one") from None
     except UnicodeDecodeError as e:
         raise UserError(f"recipe: {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
     except yaml.YAMLError as e:
@@ -46,6 +49,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
         raise UserError(f"recipe: {path} is not valid YAML{at}; fix the syntax there") from None
     if not isinstance(raw, dict):
         raise UserError(f"recipe: {path} must be a mapping of sections (policy:, data:, ...), not {type(raw).__name__}")
+    if _values_over(raw, MAX_VALUES):  # YAML aliases nest copies in copies: 700 bytes can stand for billions
+        raise UserError(f"recipe: {path} stands for more than {MAX_VALUES} values (aliases of aliases?); "
+                        "write the recipe out without nested aliases")
     if check_files:
         raw = _resolve_packaged_models(raw)
     raw = _resolve_paths(raw, base=path.parent)
@@ -59,6 +65,50 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
     if check_files:
         _check_files(recipe)
     return recipe
+
+
+MAX_VALUES = 10_000  # a recipe has about 80; anything near this is an alias expansion, not a recipe
+
+
+class _Repeated(Exception):
+    def __init__(self, key, lines):
+        self.key, self.lines = key, lines
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key set twice in one mapping: YAML keeps the last one silently, so two
+    `train:` sections would drop the first one's settings."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key != "<<" and key in seen:
+                raise _Repeated(key, (seen[key], key_node.start_mark.line + 1))
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _values_over(value, limit: int) -> bool:
+    """Whether the parsed YAML holds more than `limit` values, counted with aliases expanded; stops at
+    the limit, so a billion-value alias bomb costs `limit` steps."""
+    stack, n = [value], 0
+    while stack:
+        x = stack.pop()
+        n += 1
+        if n > limit:
+            return True
+        if isinstance(x, dict):
+            stack += [*x.keys(), *x.values()]
+        elif isinstance(x, list):
+            stack += x
+    return False
+
+
+def _shown(value, width: int = 60) -> str:
+    """repr(value), cut to `width` characters: a one-line message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
@@ -134,7 +184,7 @@ def _apply_override(raw: dict, item: str) -> None:
 
 def _build(cls, raw, prefix: str):
     if not isinstance(raw, dict):
-        raise UserError(f"{prefix.rstrip('.')}: expected a section (mapping), got {raw!r}; indent its keys under it")
+        raise UserError(f"{prefix.rstrip('.')}: expected a section (mapping), got {_shown(raw)}; indent its keys under it")
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:
@@ -167,16 +217,16 @@ def _coerce(value, tp, key: str):
                 return _coerce(value, option, key)
             except UserError:
                 pass
-        raise UserError(f"{key}: {value!r} has the wrong type; expected {_describe(tp)}")
+        raise UserError(f"{key}: {_shown(value)} has the wrong type; expected {_describe(tp)}")
     if origin is Literal:
         if value not in args:
-            raise UserError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}; pick one")
+            raise UserError(f"{key}: {_shown(value)} is not one of {', '.join(map(str, args))}; pick one")
         return value
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{key}: {value!r} has the wrong type; expected a list of names")
+            raise UserError(f"{key}: {_shown(value)} has the wrong type; expected a list of names")
         return tuple(value)
     if tp is float and isinstance(value, str):
         try:
@@ -192,7 +242,7 @@ def _coerce(value, tp, key: str):
         str: isinstance(value, str),
     }[tp]
     if not ok:
-        raise UserError(f"{key}: {value!r} has the wrong type; expected {_describe(tp)}")
+        raise UserError(f"{key}: {_shown(value)} has the wrong type; expected {_describe(tp)}")
     return float(value) if tp is float else value
 
 
@@ -222,10 +272,13 @@ def _check_files(recipe: Recipe) -> None:
         from minitpo.judges.llama import load_prompt_template  # checks its {instruction} and {response}
 
         load_prompt_template(judge.prompt)
-    if recipe.thought.template not in ("generic", "specific", "direct"):
-        from minitpo.prompts import load_template  # validates the file and its marker
+    from minitpo.prompts import load_template  # validates a template file and its marker
 
-        load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
+    marker = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words).marker
+    for stop in recipe.sampling.stop:
+        if marker and marker in stop:  # the output would end where its response starts
+            raise UserError(f"sampling.stop: {stop!r} holds the thought marker {marker!r}, so no output could have "
+                            "a response; remove it from sampling.stop")
     _check_out(recipe.out)
 
 

@@ -94,7 +94,8 @@ def test_gguf_judges_report_verdict_mass_and_consistency(mode):
 def test_judge_check_in_a_run_is_saved_and_warns_at_chance(tmp_path):
     out = tmp_path / "run"
     result = minitpo("run", "recipes/tiny.yaml", "--out", out, "iterations=1", "judge.check=true",
-                     "judge.type=python", "judge.function=minitpo.verifiable:score", "train.epochs=1")
+                     "judge.type=python", "judge.function=minitpo.verifiable:score", "train.epochs=1",
+                     "train.val_fraction=0")
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.load(open(out / "judge_check.json"))
     assert saved["n"] == 256 and set(saved["kinds"]) == set(KINDS)
