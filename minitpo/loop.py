@@ -30,13 +30,11 @@ from pathlib import Path
 
 import click
 import torch
-import yaml
 
 from minitpo import dist, engine, io, rundir
 from minitpo.config import Recipe
 from minitpo.recipe import recipe_to_dict
 from minitpo.data import Instruction, drop_duplicates, load_instructions, split_instructions
-from minitpo.errors import UserError
 from minitpo.judges.llama import load_prompt_template
 from minitpo.model import enable_checkpointing, load_policy, pick_device, save_adapter
 from minitpo.pairs import Pair, auto_rho, build_pairs, by_instruction, control_length
@@ -67,7 +65,9 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
             if fresh:
                 rundir.clear(out)
             rundir.remove_stale_temps(out)  # left by a killed run's unfinished writes
-            _claim_run_dir(out, recipe)
+            for key in rundir.claim(out, recipe_to_dict(recipe)):  # a setting fixed before its stage ran
+                click.echo(f"recipe: {key} changed; no iteration has run the stage that reads it, so the run "
+                           "goes on with the new value", err=True)
             rundir.mark(out)
             if recipe.judge.type == "llama_cpp" and recipe.judge.mode == "pointwise" and not (out / "judge_prompt.txt").exists():
                 io.write_text(out / "judge_prompt.txt", load_prompt_template(recipe.judge.prompt))  # what the judge saw
@@ -259,21 +259,3 @@ class Policy:
 def _checkpointing(recipe: Recipe) -> bool:
     on = recipe.train.gradient_checkpointing
     return recipe.policy.quantization == "nf4" if on is None else on
-
-
-def _claim_run_dir(out: Path, recipe: Recipe) -> None:
-    """Write recipe.yaml, or check that an existing run directory holds the same recipe (resume)."""
-    resolved = recipe_to_dict(recipe)
-    path = out / "recipe.yaml"
-    if path.exists():
-        before = yaml.safe_load(path.read_text(encoding="utf-8"))
-        differ = sorted(k for k in set(before) | set(resolved)
-                        if k not in ("iterations", "out") and before.get(k) != resolved.get(k))
-        if differ:
-            raise UserError(
-                f"out: {str(out)!r} holds a run of a different recipe (sections differ: {', '.join(differ)}); "
-                "pass --fresh to start over or --out to use another directory"
-            )
-        if before == resolved:
-            return
-    io.write_text(path, yaml.safe_dump(resolved, sort_keys=False))

@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
+
 from minitpo.config import PolicyConfig, SamplingConfig
 from minitpo.data import Instruction
 from minitpo.errors import UserError
@@ -163,6 +165,52 @@ def _not_an_adapter(path: Path) -> str:
                 "training; run `minitpo run` again to finish it, or give an earlier iteration")
     return (f"PATH: {str(path)!r} holds no adapter_config.json; give an iteration folder (RUN_DIR/iter-N) "
             "or a peft adapter folder")
+
+
+# Which stage first reads a recipe key (a section, or section.key): a resumed run may change a key until
+# that stage's output exists in some iteration. policy and data define the run (its model, its split):
+# they never change. iterations, out and evaluate may always change.
+READ_BY = {"thought": "candidates.jsonl", "sampling": "candidates.jsonl", "judge": "scores.jsonl",
+           "train.max_length": "pairs.jsonl", "train.batch_size": "pairs.jsonl", "train.logps_chunk": "pairs.jsonl",
+           "train.autocast": "pairs.jsonl", "train": "train_summary.json"}
+FREE = ("iterations", "out", "evaluate")
+STAGE_OF = {"candidates.jsonl": "sample", "scores.jsonl": "judge", "pairs.jsonl": "pair", "train_summary.json": "train"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    flat = {}
+    for k, v in d.items():
+        flat.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
+
+
+def claim(out: Path, resolved: dict) -> list[str]:
+    """Write recipe.yaml, or check a resumed run's: a changed key is taken when no iteration has run the
+    stage that reads it (a setting fixed after it failed a run), else refused in one line. Returns the
+    changed keys taken. Call it with the lock held."""
+    path = Path(out) / "recipe.yaml"
+    if not path.exists():
+        io.write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+        return []
+    before, now = _flat(yaml.safe_load(path.read_text(encoding="utf-8")) or {}), _flat(resolved)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k.split(".")[0] not in FREE)
+    for key in changed:
+        section = key.split(".")[0]
+        stage_file = READ_BY.get(key, READ_BY.get(section))
+        ran = sorted(Path(out).glob(f"iter-*/{stage_file}")) if stage_file else []
+        if stage_file is None or ran:
+            reason = (f"{ran[0].parent.name} ran its {STAGE_OF[stage_file]} stage with the old value" if ran else
+                      "the policy and the data define a run")
+            raise UserError(f"out: {str(out)!r} holds a run of a different recipe ({key} differs, and {reason}); "
+                            "pass --fresh to start over or --out to use another directory")
+    if any(k.startswith("judge.") for k in changed):  # the old judge's work that no stage finished goes
+        for stale in [Path(out) / "judge_check.json", Path(out) / "judge_prompt.txt",
+                      *Path(out).glob("iter-*/judge_cache.jsonl")]:
+            stale.unlink(missing_ok=True)
+    if before != now:
+        io.write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+    return changed
 
 
 @contextmanager

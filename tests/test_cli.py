@@ -351,3 +351,27 @@ def test_a_run_that_trains_on_nothing_says_so_and_the_report_shows_it(tmp_path):
     shown = minitpo("report", out)
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert f"- iter 1: {message}" in (out / "report.md").read_text()
+
+
+def test_a_setting_fixed_after_a_crash_is_taken_and_the_finished_stages_kept(tmp_path):
+    """Training died (its outputs are gone, as after a crash): a changed train setting is taken on the
+    rerun and only training runs again; a changed judge setting is refused, the judge stage having run."""
+    out = tmp_path / "run"
+    first = minitpo("run", "recipes/tiny.yaml", "--out", out, "iterations=1", *QUICK)
+    assert first.returncode == 0, first.stderr[-3000:]
+    it = out / "iter-1"
+    for name in ("summary.json", "train_summary.json", "train_log.jsonl"):
+        (it / name).unlink()
+    shutil.rmtree(it / "adapter")
+    stamps = {name: os.stat(it / name).st_mtime_ns for name in ("candidates.jsonl", "scores.jsonl", "pairs.jsonl")}
+
+    refused = minitpo("run", "recipes/tiny.yaml", "--out", out, "iterations=1", *QUICK, "judge.rho=0.1")
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+    assert "holds a run of a different recipe (judge.rho differs, and iter-1 ran its judge stage with the old value)" in lines[0]
+
+    fixed = minitpo("run", "recipes/tiny.yaml", "--out", out, "iterations=1", *QUICK, "train.lr=1e-4")
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "recipe: train.lr changed; no iteration has run the stage that reads it" in fixed.stderr
+    assert {name: os.stat(it / name).st_mtime_ns for name in stamps} == stamps
+    assert (it / "summary.json").exists() and "lr: 0.0001" in (out / "recipe.yaml").read_text()

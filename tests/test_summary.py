@@ -140,3 +140,50 @@ def test_the_report_lists_the_warnings_of_each_iteration(tmp_path):
     write_summary(tmp_path, 1, summarize(1, candidates, scores, skipped, [], {"updates": 0}, stats, times, marker=MARKER))
     text = report.write_report(tmp_path).read_text()
     assert "## Warnings" in text and "- iter 1: all 2 pairs are longer than train.max_length" in text
+
+
+RESOLVED = {"policy": {"model": "m"}, "data": {"instructions": "i.jsonl"}, "judge": {"n_ctx": 64, "rho": 0.0},
+            "sampling": {"k": 4}, "train": {"lr": 1e-4, "max_length": 256, "loss": "ipo"}, "iterations": 2}
+
+
+@pytest.mark.parametrize("done, change, refused", [
+    ([], ("judge", "n_ctx", 512), None),  # nothing ran yet: any fixed setting is taken
+    (["candidates.jsonl"], ("judge", "n_ctx", 512), None),  # the judge died after sampling: fix it, keep the samples
+    (["candidates.jsonl", "scores.jsonl", "pairs.jsonl"], ("train", "loss", "sigmoid"), None),  # died in training
+    (["candidates.jsonl", "scores.jsonl"], ("train", "max_length", 512), None),
+    (["candidates.jsonl", "scores.jsonl", "pairs.jsonl"], ("train", "max_length", 512), "iter-1 ran its pair stage"),
+    (["candidates.jsonl", "scores.jsonl"], ("judge", "rho", 0.2), "iter-1 ran its judge stage"),
+    (["candidates.jsonl"], ("sampling", "k", 8), "iter-1 ran its sample stage"),
+    ([], ("policy", "model", "other"), "the policy and the data define a run"),
+    ([], ("data", "instructions", "other.jsonl"), "the policy and the data define a run"),
+    (["candidates.jsonl", "scores.jsonl", "pairs.jsonl", "train_summary.json"], ("iterations", None, 4), None),
+])
+def test_a_resumed_run_takes_a_setting_whose_stage_has_not_run(tmp_path, done, change, refused):
+    import copy
+
+    from minitpo.errors import UserError
+
+    assert rundir.claim(tmp_path, RESOLVED) == []
+    (tmp_path / "iter-1").mkdir()
+    for name in done + ["judge_cache.jsonl"]:
+        (tmp_path / "iter-1" / name).write_text("{}\n")
+    section, key, value = change
+    changed = copy.deepcopy(RESOLVED)
+    if key:
+        changed[section][key] = value
+    else:
+        changed[section] = value
+    before = (tmp_path / "recipe.yaml").read_text()
+    if refused:
+        with pytest.raises(UserError, match=f"holds a run of a different recipe \\({section}.{key} differs, and {refused}"):
+            rundir.claim(tmp_path, changed)
+        assert (tmp_path / "recipe.yaml").read_text() == before and (tmp_path / "iter-1" / "judge_cache.jsonl").exists()
+        return
+    taken = rundir.claim(tmp_path, changed)
+    assert taken == ([f"{section}.{key}"] if key and section != "iterations" else [])
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "recipe.yaml").read_text()) == changed
+    # a changed judge drops the old judge's unfinished judgements; nothing else is touched
+    assert (tmp_path / "iter-1" / "judge_cache.jsonl").exists() == (section != "judge")
+    assert all((tmp_path / "iter-1" / name).exists() for name in done)
