@@ -175,6 +175,7 @@ def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed
     (model, *_), (against, *_) = refs
     if model == against:
         raise UserError(f"--model and --against are both {model!r}; compare two different models")
+    io.check_writable(run_dir / "eval", "RUN_DIR")  # before the minutes of sampling and judging
 
     marker_of = [load_template(r.thought.template, r.thought.marker, r.thought.min_words).marker for *_, r in refs]
     # One policy in memory at a time: sample, then free it before the next model (and the judge) load.

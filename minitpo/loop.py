@@ -41,7 +41,7 @@ from minitpo.pairs import Pair, auto_rho, build_pairs, by_instruction, control_l
 from minitpo.prompts import load_template
 from minitpo.sample import Candidate, eos_token_ids, sample_candidates
 from minitpo.judges import merge_caches, merge_stats, rank_cache, score_candidates
-from minitpo.summary import summarize, summary_line, write_summary
+from minitpo.summary import check_summaries, summarize, summary_line, write_summary
 from minitpo.train import reference_logps, tokenize_pairs, train_adapter
 
 
@@ -69,6 +69,7 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
                 click.echo(f"recipe: {key} changed; no iteration has run the stage that reads it, so the run "
                            "goes on with the new value", err=True)
             rundir.mark(out)
+            check_summaries(out)  # a finished iteration's summary that does not parse stops the run here
             if recipe.judge.type == "llama_cpp" and recipe.judge.mode == "pointwise" and not (out / "judge_prompt.txt").exists():
                 io.write_text(out / "judge_prompt.txt", load_prompt_template(recipe.judge.prompt))  # what the judge saw
             if kept is None or len(slices) > len(kept[1]) or not (out / rundir.SPLIT).exists():

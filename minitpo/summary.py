@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 from minitpo import io, rundir
+from minitpo.errors import UserError
 from minitpo.sample import thinks, wrote_marker
 from minitpo.verifiable import pass_counts
 
@@ -18,6 +19,19 @@ def write_summary(out: Path, t: int, summary: dict) -> None:
     io.write_json(rundir.iteration_dir(out, t) / rundir.SUMMARY, summary)
     io.write_jsonl(Path(out) / rundir.METRICS,
                    [io.read_json(rundir.iteration_dir(out, s) / rundir.SUMMARY) for s in rundir.finished_iterations(out)])
+
+
+def check_summaries(out: Path) -> None:
+    """Read every finished iteration's summary.json, so that one that does not parse stops a resumed run
+    at its start, named, rather than after the next iteration; rewrite metrics.jsonl from them when it
+    is missing, cut or behind."""
+    rows = [io.read_json(rundir.iteration_dir(out, t) / rundir.SUMMARY) for t in rundir.finished_iterations(out)]
+    try:
+        current = io.read_jsonl(Path(out) / rundir.METRICS, missing_ok=True)
+    except UserError:
+        current = None  # recomputed just below, from the summaries
+    if rows and current != rows:
+        io.write_jsonl(Path(out) / rundir.METRICS, rows)
 
 
 def read_metrics(out: Path) -> list[dict]:
