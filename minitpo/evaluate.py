@@ -37,7 +37,25 @@ BOOTSTRAP_SEED = 0
 CI_LEVEL = 0.95
 
 
+MIN_CI_ITEMS = 10  # an interval over fewer items means nothing (one item: "1.000-1.000"), and says so
+
+
 # ---------------------------------------------------------------- the arithmetic (pure functions)
+
+def ci_text(r: dict, label: str = "95% CI ") -> str:
+    """The interval of a result with n, ci_low and ci_high, flagged when it rests on too few items."""
+    text = f"{label}{r['ci_low']:.3f}-{r['ci_high']:.3f}"
+    return text if r["n"] >= MIN_CI_ITEMS else f"{text}, n {r['n']}: too few items for an interval"
+
+
+def held_out_warning(held_out: int) -> str | None:
+    """What `evaluate: true` over `held_out` instructions can show, when that is too little to tell models
+    apart: the half-width of a 95% interval around a win rate of 0.5 (normal approximation)."""
+    if held_out >= 32:
+        return None
+    return (f"evaluate: data.held_out {held_out} gives a win rate whose 95% interval is about "
+            f"+-{1.96 * 0.5 / held_out ** 0.5:.2f} wide; 32 or more held-out instructions tell two models apart")
+
 
 def bootstrap_interval(verdicts, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
                        level: float = CI_LEVEL) -> tuple[float, float]:
@@ -217,7 +235,7 @@ def summary_text(r: dict) -> str:
     def chars(x):
         return "-" if x is None else f"{x:.0f}"
     lines = [
-        f"{m} vs {a}: win rate {r['win_rate']:.3f} (95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}) "
+        f"{m} vs {a}: win rate {r['win_rate']:.3f} ({ci_text(r)}) "
         f"over {r['n']} instructions" + (f" x {r['samples']} samples" if r.get("samples", 1) > 1 else "")
         + f", mean p {r['mean_p']:.3f}, ties {r['ties']}",
         f"  parse rate {m} {r['parse_rate'][m]:.2f} / {a} {r['parse_rate'][a]:.2f} | "
@@ -231,10 +249,10 @@ def summary_text(r: dict) -> str:
                      f"with a thought and a response {m} {rate(thought.get(m))} / {a} {rate(thought.get(a))}")
     lc = r.get("length_controlled")
     if lc:
-        lines.insert(1, f"  length-controlled win rate {lc['win_rate']:.3f} (95% CI {lc['ci_low']:.3f}-"
-                        f"{lc['ci_high']:.3f}) over the {lc['n']} instructions where both responses parsed")
+        lines.insert(1, f"  length-controlled win rate {lc['win_rate']:.3f} ({ci_text(lc)}) over the {lc['n']} "
+                        "instructions where both responses parsed")
     for cat, c in r["categories"].items():
-        lines.append(f"  {cat}: {c['win_rate']:.3f} ({c['ci_low']:.3f}-{c['ci_high']:.3f}), n {c['n']}")
+        lines.append(f"  {cat}: {c['win_rate']:.3f} ({ci_text(c, '')})" + (f", n {c['n']}" if c["n"] >= MIN_CI_ITEMS else ""))
     return "\n".join(lines)
 
 

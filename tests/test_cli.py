@@ -281,7 +281,8 @@ def test_sigkill_at_many_moments_then_resume_loses_only_the_stage_in_flight(tiny
     final = minitpo("run", "recipes/tiny.yaml", "--out", out, "evaluate=true")
     assert final.returncode == 0, final.stderr[-3000:]
     assert all(_finished_outputs(out).get(p) == s for p, s in before.items())
-    assert "win rate" in final.stdout
+    assert "win rate" in final.stdout and "n 8: too few items for an interval" in final.stdout  # 8 < 10
+    assert "warning: evaluate: data.held_out 8 gives a win rate whose 95% interval is about +-0.35 wide" in final.stderr
 
     # Every file present and valid, no temporary file left, and the same candidates, scores and pairs as
     # the uninterrupted run (every candidate has its own seed, the judge is deterministic).

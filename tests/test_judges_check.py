@@ -70,6 +70,8 @@ def test_user_set_in_trl_format_and_json_through_the_cli(tmp_path):
     assert saved["n"] == 2 and saved["accuracy"] == 0.5  # the longer wins: right once, wrong once
     assert saved["kinds"]["all"]["accuracy"] == 1.0 and saved["kinds"]["math"]["accuracy"] == 0.0
     assert "warning: the judge cannot be told from chance" in result.stdout  # 2 items cannot show more
+    assert "judge-check: chosen preferred 0.500 (95% CI 0.000-1.000, n 2: too few items for an interval)" in result.stdout
+    assert "  math: 0.000 (0.000-0.000, n 1: too few items for an interval)" in result.stdout
 
 
 def test_bad_user_set_names_the_line(tmp_path):
