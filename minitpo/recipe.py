@@ -261,6 +261,10 @@ def _check_files(recipe: Recipe) -> None:
     if judge.type == "llama_cpp":
         _check_file("judge.model", judge.model, "give the path of a GGUF judge model")
         _check_gguf("judge.model", judge.model)
+        if not judge.prompt or Path(judge.prompt).is_file():  # a missing prompt file is named just below
+            from minitpo.judges.llama import check_prompt_fits
+
+            check_prompt_fits(judge, pairwise=judge.mode == "pairwise" or recipe.evaluate)
     if judge.type == "reward_model" and judge.model:
         _check_model("judge.model", judge.model, "give a Hub id or a local folder of a reward model")
     if judge.type == "python":

@@ -166,6 +166,32 @@ def open_llama_judge(cfg):
             pass
 
 
+def check_prompt_fits(cfg, pairwise: bool) -> None:
+    """At load, before any model: the judge's own prompt, with every text empty, must leave room in
+    judge.n_ctx (the pointwise prompt, and the pairwise one that `pairwise` runs and `eval` use). Only the
+    GGUF's tokenizer loads (vocab_only), not its weights."""
+    from llama_cpp import Llama
+    from minitpo.judges.pairwise import pairwise_prompt_parts  # pairwise imports this module
+
+    try:
+        with quiet_stderr():
+            llm = Llama(model_path=str(cfg.model), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError):
+        return  # not knowable here: loading the judge names what is wrong with the file
+    try:
+        turn = model_chat_turn(llm)
+        prompts = [("pairwise", pairwise_prompt_parts("", "", "", turn))] if pairwise else []
+        if cfg.mode == "pointwise":
+            prompts.append(("pointwise", judge_prompt_parts(load_prompt_template(cfg.prompt), "", "", turn)))
+        for mode, parts in prompts:
+            n = len(tokenize_prompt(llm, parts))
+            if n >= cfg.n_ctx:
+                raise UserError(f"judge.n_ctx: {cfg.n_ctx} tokens cannot hold the {mode} judge prompt itself "
+                                f"({n} tokens before any instruction or response); raise judge.n_ctx")
+    finally:
+        llm.close()
+
+
 def _own_gpu() -> dict:
     """Under torchrun, each rank's judge on the rank's GPU alone (llama.cpp would split its layers
     over every visible GPU); nothing otherwise."""
