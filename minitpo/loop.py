@@ -36,10 +36,10 @@ from minitpo.config import Recipe
 from minitpo.recipe import recipe_to_dict
 from minitpo.data import Instruction, drop_duplicates, load_instructions, split_instructions
 from minitpo.judges.llama import load_prompt_template
-from minitpo.model import enable_checkpointing, load_policy, pick_device, save_adapter
+from minitpo.model import context_length, enable_checkpointing, load_policy, load_tokenizer, pick_device, save_adapter
 from minitpo.pairs import Pair, auto_rho, build_pairs, by_instruction, control_length
 from minitpo.prompts import load_template
-from minitpo.sample import Candidate, eos_token_ids, sample_candidates
+from minitpo.sample import Candidate, check_prompt_lengths, eos_token_ids, sample_candidates
 from minitpo.judges import merge_caches, merge_stats, rank_cache, score_candidates
 from minitpo.summary import check_summaries, summarize, summary_line, write_summary
 from minitpo.train import reference_logps, tokenize_pairs, train_adapter
@@ -58,6 +58,7 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     kept = None if fresh else rundir.kept_split(out)  # a run keeps its split, whatever the file became
     held_out, slices = split_instructions(items, data.per_iteration, data.held_out, recipe.iterations, data.seed,
                                           kept=kept)  # fails on a short file before anything is written
+    _check_lengths(recipe, out, template, held_out, slices[:recipe.iterations], fresh)
     with ExitStack() as held:
         def setup():
             held.enter_context(rundir.lock(out))  # one writer: a second run on this directory stops here
@@ -103,6 +104,17 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
             click.echo(summary_text(io.read_json(saved) if saved.exists() else evaluate(out)))
     dist.close()
     return out
+
+
+def _check_lengths(recipe: Recipe, out: Path, template, held_out, slices, fresh: bool) -> None:
+    """The instructions still to sample (and the held-out ones, when the run evaluates) must fit the
+    policy's context: checked with its tokenizer and config alone, before any model loads."""
+    pending = [i for t, s in enumerate(slices, start=1)
+               if fresh or not (rundir.iteration_dir(out, t) / "candidates.jsonl").exists() for i in s]
+    pending += held_out if recipe.evaluate else []
+    if pending:
+        check_prompt_lengths(load_tokenizer(recipe.policy.model), context_length(recipe.policy.model), pending,
+                             template, recipe.sampling, recipe.thought.system_prompt)
 
 
 def _judge_check(out: Path, recipe: Recipe) -> None:

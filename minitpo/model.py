@@ -52,6 +52,14 @@ def load_tokenizer(model: str):
     return tokenizer
 
 
+def context_length(model: str) -> int | None:
+    """The policy's context in tokens (its config's max_position_embeddings), read without its weights;
+    None when the config does not say."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(_source(model)), "max_position_embeddings", None)
+
+
 def quiet_libraries() -> None:
     """Silence the libraries' messages that say nothing to a minitpo user, where they come from; their
     other warnings still show (Python shows each warning once per place)."""

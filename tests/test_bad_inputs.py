@@ -5,6 +5,7 @@ written, which also means no model was loaded (the run directory is created befo
 Each case builds its input in a temporary folder from the tiny recipe. The catalog in the note of
 issue 12 is this table."""
 
+import json
 import sys
 
 import pytest
@@ -38,6 +39,9 @@ def _setup(tmp):
     (tmp / "bomb.yaml").write_text(TINY_RECIPE + "l0: &l0 lol\n" + bomb)
     small = ", ".join(f"&l{i} [{', '.join([f'*l{i - 1}'] * 4)}]" for i in range(1, 6))  # 1365 values in sampling.k
     (tmp / "small_bomb.yaml").write_text(TINY_RECIPE.replace("  k: 4\n", f"  k: [&l0 lol, {small}]\n"))
+    lines = (TINY / "instructions.jsonl").read_text().splitlines()[:39]  # with the long one: the 40 the recipe uses
+    lines.insert(2, json.dumps({"instruction": "Explain this. " + "word " * 2000}))
+    (tmp / "long.jsonl").write_text("\n".join(lines) + "\n")
     (tmp / "thesis" / "data").mkdir(parents=True)  # a user's folder: minitpo must never delete or write into it
     (tmp / "thesis" / "thesis.tex").write_text("\\chapter{One}")
     (tmp / "thesis" / "data" / "table.csv").write_text("a,b\n")
@@ -132,6 +136,9 @@ CASES = [  # (id, recipe file or None for the tiny recipe, extra arguments, text
      "judge.n_ctx: 300 tokens cannot hold the pointwise judge prompt itself (360 tokens before any instruction"),
     ("judge context below eval's pairwise prompt", None, ["judge.n_ctx=400", "evaluate=true"],
      "judge.n_ctx: 400 tokens cannot hold the pairwise judge prompt itself (435 tokens"),
+    ("instruction longer than the context", None, ["data.instructions=TMP/long.jsonl"],
+     "data.instructions: line 3 makes a prompt of 4067 tokens, and with sampling.max_new_tokens 64 it does not "
+     "fit the policy's context of 512 tokens"),
     ("two train sections", "TMP/two_train.yaml", [], "recipe: TMP/two_train.yaml sets 'train' twice in one section (lines 28 and 35)"),
     ("a key twice", "TMP/twice_k.yaml", [], "sets 'k' twice in one section (lines 19 and 20)"),
     ("alias bomb", "TMP/bomb.yaml", [], "recipe: TMP/bomb.yaml stands for more than 10000 values"),
