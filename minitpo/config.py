@@ -206,7 +206,7 @@ class Recipe:
             raise UserError(f"thought.min_words: {self.thought.min_words} with the direct template (no thought) makes "
                             "every output a format failure; set thought.min_words=0 or pick a thought template")
         most_trained = self.data.per_iteration - int(self.data.per_iteration * self.train.val_fraction)
-        if most_trained < self.train.batch_size:
+        if self.train.val_fraction and most_trained < self.train.batch_size:
             raise UserError(f"train.val_fraction: {self.train.val_fraction} leaves at most {most_trained} of "
                             f"data.per_iteration {self.data.per_iteration} pairs to train on, fewer than train.batch_size "
                             f"{self.train.batch_size}; lower train.val_fraction or raise data.per_iteration")
