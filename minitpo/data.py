@@ -93,7 +93,7 @@ def split_instructions(items, per_iteration: int, held_out: int, iterations: int
     taken = {same_text(i.text) for i in kept_held} | {same_text(i.text) for s in kept_slices for i in s}
     fresh = [i for i in order if same_text(i.text) not in taken]
     missing = max(iterations - len(kept_slices), 0)
-    if per_iteration * missing > len(fresh) or len(kept_held) < held_out:
+    if per_iteration * missing > len(fresh):  # (a kept held-out set of another size: the recipe check's)
         raise UserError(_too_few(len(items), len(fresh), per_iteration, held_out, iterations, kept_slices))
     slices = [fresh[t * per_iteration:(t + 1) * per_iteration] for t in range(missing)]
     return list(kept_held), list(kept_slices) + slices

@@ -69,7 +69,6 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
             for key in rundir.claim(out, recipe_to_dict(recipe)):  # a setting fixed before its stage ran
                 click.echo(f"recipe: {key} changed; no iteration has run the stage that reads it, so the run "
                            "goes on with the new value", err=True)
-            rundir.mark(out)
             check_summaries(out)  # a finished iteration's summary that does not parse stops the run here
             if recipe.judge.type == "llama_cpp" and recipe.judge.mode == "pointwise" and not (out / "judge_prompt.txt").exists():
                 io.write_text(out / "judge_prompt.txt", load_prompt_template(recipe.judge.prompt))  # what the judge saw

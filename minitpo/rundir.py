@@ -13,8 +13,8 @@ The writer: `lock(out)` is held for the whole of `minitpo run` and refuses, in o
 another process holds; `clear(out)` is what --fresh does, under that lock; `remove_stale_temps(out)`
 removes the temporary files a killed process left behind.
 
-Only minitpo's own folders are ever deleted. `mark(out)` writes RUN_DIR/.minitpo when a run claims
-a directory; `check_out(out, fresh)` refuses, before anything loads or is written, --fresh on a folder
+Only minitpo's own folders are ever deleted. `claim` writes RUN_DIR/.minitpo before the run's first
+file; `check_out(out, fresh)` refuses, before anything loads or is written, --fresh on a folder
 without it (a run from before the marker counts by its recipe.yaml and held_out.jsonl) and a run into
 a folder of someone else's files; `clear` checks again under the lock.
 
@@ -186,11 +186,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def claim(out: Path, resolved: dict) -> list[str]:
-    """Write recipe.yaml, or check a resumed run's: a changed key is taken when no iteration has run the
-    stage that reads it (a setting fixed after it failed a run), else refused in one line. Returns the
-    changed keys taken. Call it with the lock held."""
+    """Write recipe.yaml and the marker, or check a resumed run's recipe: a changed key is taken when no
+    iteration has run the stage that reads it (a setting fixed after it failed a run), else refused in
+    one line. Returns the changed keys taken. Call it with the lock held, after check_out."""
     path = Path(out) / "recipe.yaml"
     if not path.exists():
+        mark(out)  # first: from its first file on, the directory is minitpo's
         io.write_text(path, yaml.safe_dump(resolved, sort_keys=False))
         return []
     before, now = _flat(yaml.safe_load(path.read_text(encoding="utf-8")) or {}), _flat(resolved)
@@ -208,6 +209,7 @@ def claim(out: Path, resolved: dict) -> list[str]:
         for stale in [Path(out) / "judge_check.json", Path(out) / "judge_prompt.txt",
                       *Path(out).glob("iter-*/judge_cache.jsonl")]:
             stale.unlink(missing_ok=True)
+    mark(out)  # a run from before the marker, its recipe now checked
     if before != now:
         io.write_text(path, yaml.safe_dump(resolved, sort_keys=False))
     return changed
