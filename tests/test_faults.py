@@ -116,6 +116,13 @@ def test_judge_check_json_that_cannot_be_written_fails_before_judging(tmp_path, 
     assert calls(judge_file) == 0  # nothing judged
 
 
+def test_a_run_directory_on_a_read_only_mount_is_refused_at_load(tmp_path):
+    with tmpfs(tmp_path / "ro", "64k") as ro:
+        remount(ro, "ro")
+        line = one_error_line(minitpo("run", "recipes/tiny.yaml", "--out", ro / "run"))
+        assert f"out: '{ro / 'run'}' cannot be written ('{ro}' is not writable); give another directory" in line, line
+
+
 def test_eval_into_a_read_only_run_directory_fails_before_sampling(finished, tmp_path):
     with tmpfs(tmp_path / "ro", "2m") as ro:
         shutil.copytree(finished, ro / "run")
