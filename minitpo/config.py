@@ -173,12 +173,6 @@ class TrainConfig:
         _check(self.max_grad_norm > 0, "train.max_grad_norm", self.max_grad_norm, "use a positive norm (1.0 is typical)")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "use 0 or more")
         _check(self.seed >= 0, "train.seed", self.seed, "use 0 or more")
-        if self.label_smoothing and self.loss != "sigmoid":
-            raise UserError(f"train.label_smoothing: {self.label_smoothing} works with train.loss sigmoid only, not "
-                            f"{self.loss!r}; set train.label_smoothing=0 or train.loss=sigmoid")
-        if self.val_fraction and self.epochs == 1:
-            raise UserError(f"train.val_fraction: {self.val_fraction} sets pairs aside to pick the best epoch, and "
-                            "train.epochs is 1; set train.val_fraction=0 to train on every pair, or raise train.epochs")
 
 
 @dataclass(frozen=True)
@@ -197,19 +191,6 @@ class Recipe:
         _check(self.iterations >= 1, "iterations", self.iterations, "use 1 or more")
         if self.evaluate and self.data.held_out < 1:
             raise UserError("evaluate: true needs held-out instructions; set data.held_out (32 or more) or evaluate: false")
-        greedy_twins = not (self.sampling.force_marker and self.sampling.unforced)  # forcing makes them differ
-        if self.sampling.temperature == 0 and greedy_twins:
-            raise UserError(f"sampling.temperature: 0 samples greedily, so the {self.sampling.k} candidates of an "
-                            "instruction are the same and no pair can be built; use a temperature above 0 (0.8 is "
-                            "the paper's)")
-        if self.thought.min_words and self.thought.template == "direct":
-            raise UserError(f"thought.min_words: {self.thought.min_words} with the direct template (no thought) makes "
-                            "every output a format failure; set thought.min_words=0 or pick a thought template")
-        most_trained = self.data.per_iteration - int(self.data.per_iteration * self.train.val_fraction)
-        if self.train.val_fraction and most_trained < self.train.batch_size:
-            raise UserError(f"train.val_fraction: {self.train.val_fraction} leaves at most {most_trained} of "
-                            f"data.per_iteration {self.data.per_iteration} pairs to train on, fewer than train.batch_size "
-                            f"{self.train.batch_size}; lower train.val_fraction or raise data.per_iteration")
         if self.sampling.force_marker and self.thought.template == "direct":
             raise UserError("sampling.force_marker: true needs a thought template with a marker, not 'direct'; "
                             "set it to false or pick another thought.template")

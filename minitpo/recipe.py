@@ -63,8 +63,34 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
                         f"runs/{path.stem}")
     recipe = _build(Recipe, raw, prefix="")
     if check_files:
+        _check_trainable(recipe)
         _check_files(recipe)
     return recipe
+
+
+def _check_trainable(recipe: Recipe) -> None:
+    """Combinations of settings that each pass their own range check but cannot train, or waste what
+    they sample. Checked for a recipe about to run, not for a finished run's recipe.yaml (eval, chat)."""
+    sampling, train, data = recipe.sampling, recipe.train, recipe.data
+    if train.label_smoothing and train.loss != "sigmoid":
+        raise UserError(f"train.label_smoothing: {train.label_smoothing} works with train.loss sigmoid only, not "
+                        f"{train.loss!r}; set train.label_smoothing=0 or train.loss=sigmoid")
+    if train.val_fraction and train.epochs == 1:
+        raise UserError(f"train.val_fraction: {train.val_fraction} sets pairs aside to pick the best epoch, and "
+                        "train.epochs is 1; set train.val_fraction=0 to train on every pair, or raise train.epochs")
+    most_trained = data.per_iteration - int(data.per_iteration * train.val_fraction)  # one pair per instruction at most
+    if train.val_fraction and most_trained < train.batch_size:
+        raise UserError(f"train.val_fraction: {train.val_fraction} leaves at most {most_trained} of "
+                        f"data.per_iteration {data.per_iteration} pairs to train on, fewer than train.batch_size "
+                        f"{train.batch_size}; lower train.val_fraction or raise data.per_iteration")
+    greedy_twins = not (sampling.force_marker and sampling.unforced)  # forced and unforced greedy outputs differ
+    if sampling.temperature == 0 and greedy_twins:
+        raise UserError(f"sampling.temperature: 0 samples greedily, so the {sampling.k} candidates of an "
+                        "instruction are the same and no pair can be built; use a temperature above 0 (0.8 is "
+                        "the paper's)")
+    if recipe.thought.min_words and recipe.thought.template == "direct":
+        raise UserError(f"thought.min_words: {recipe.thought.min_words} with the direct template (no thought) makes "
+                        "every output a format failure; set thought.min_words=0 or pick a thought template")
 
 
 MAX_VALUES = 10_000  # a recipe has about 80; anything near this is an alias expansion, not a recipe
