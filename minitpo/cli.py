@@ -35,10 +35,6 @@ def run(recipe, overrides, out, fresh):
     from minitpo.rundir import check_out
 
     check_out(recipe.out, fresh)  # --fresh deletes only a folder minitpo made
-    from minitpo.evaluate import held_out_warning
-
-    if recipe.evaluate and (warning := held_out_warning(recipe.data.held_out)) and int(os.environ.get("RANK", "0")) == 0:
-        click.echo(f"warning: {warning}", err=True)
     from minitpo.loop import run as run_loop
 
     run_loop(recipe, fresh=fresh)  # prints a line per iteration, then the evaluation when the recipe asks

@@ -286,7 +286,7 @@ def _read_recipe(run_dir: Path) -> Recipe:
 
 def _held_out(run_dir: Path) -> list[Instruction]:
     path = run_dir / "held_out.jsonl"
-    rows = io.read_jsonl(path, missing_ok=True)
+    rows = io.read_jsonl(path, missing_ok=True, fix=rundir.KEEP_SPLIT)
     if not rows:
         raise UserError(f"{path}: no held-out instructions; set data.held_out (e.g. 100) in the recipe "
                         "and start a new run with it")

@@ -34,6 +34,7 @@ import torch
 from minitpo import dist, engine, io, rundir
 from minitpo.config import Recipe
 from minitpo.recipe import recipe_to_dict
+from minitpo.evaluate import held_out_warning
 from minitpo.data import Instruction, drop_duplicates, load_instructions, split_instructions
 from minitpo.judges.llama import load_prompt_template
 from minitpo.model import context_length, enable_checkpointing, load_policy, load_tokenizer, pick_device, save_adapter
@@ -76,6 +77,8 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
                 rundir.write_split(out, held_out, slices)  # fixed before the first instruction is sampled
             if recipe.judge.check:  # is the judge worth the hours? once per run directory, before sampling
                 _judge_check(out, recipe)
+            if recipe.evaluate and (warning := held_out_warning(recipe.data.held_out)):  # before the hours, too
+                click.echo(f"warning: {warning}", err=True)
         dist.on_main(setup)  # rank 0 alone holds the lock and writes; a refusal stops every rank
 
         policy = Policy(recipe, out)

@@ -82,15 +82,21 @@ def has_adapter(folder: Path) -> bool:
     return (Path(folder) / "adapter_config.json").is_file()
 
 
+KEEP_SPLIT = ("it holds this run's split, which a new one drawn now could break (held-out instructions trained "
+              "on): restore it from a copy, or start over with --fresh")
+
+
 def kept_split(out: Path) -> tuple[list[Instruction], list[list[Instruction]]] | None:
     """(held_out, slices) as the run directory fixed them, None for a new run. A run from before
     split.json has the slices its iterations sampled (iter-N/candidates.jsonl, in order)."""
     out = Path(out)
     if not (out / HELD_OUT).is_file():
+        if (out / SPLIT).is_file():  # a new split would not know which instructions were held out
+            raise UserError(f"{out / HELD_OUT}: missing, and {SPLIT} is there; {KEEP_SPLIT}")
         return None
-    held = [Instruction(**row) for row in io.read_jsonl(out / HELD_OUT)]
+    held = [Instruction(**row) for row in io.read_jsonl(out / HELD_OUT, fix=KEEP_SPLIT)]
     if (out / SPLIT).is_file():
-        return held, [[Instruction(**row) for row in s] for s in io.read_json(out / SPLIT)["iterations"]]
+        return held, [[Instruction(**row) for row in s] for s in io.read_json(out / SPLIT, fix=KEEP_SPLIT)["iterations"]]
     slices = []
     while (path := iteration_dir(out, len(slices) + 1) / "candidates.jsonl").is_file():
         rows = {r["instruction_id"]: Instruction(r["instruction_id"], r["instruction"], r.get("category", ""))
@@ -141,7 +147,7 @@ def resolve_adapter(path: str | Path, template: str | None = None) -> Resolved:
                         template=load_template(template or thought.template, thought.marker, thought.min_words),
                         system_prompt=thought.system_prompt, sampling=recipe.sampling)
 
-    config = read_json(adapter / "adapter_config.json")
+    config = read_json(adapter / "adapter_config.json", fix="the adapter folder is damaged; give another iteration or adapter")
     base = config.get("base_model_name_or_path")
     if not base:
         raise UserError(

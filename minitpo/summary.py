@@ -36,7 +36,8 @@ def check_summaries(out: Path) -> None:
 
 def read_metrics(out: Path) -> list[dict]:
     """The finished iterations' summaries, in order (none when metrics.jsonl is missing)."""
-    rows = io.read_jsonl(Path(out) / rundir.METRICS, missing_ok=True)
+    rows = io.read_jsonl(Path(out) / rundir.METRICS, missing_ok=True,
+                         fix="delete it and run `minitpo run` on this run directory again: it rebuilds it")
     for t, row in enumerate(rows, start=1):
         row.setdefault("iteration", t)
     return rows

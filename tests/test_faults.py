@@ -221,3 +221,21 @@ def test_sigterm_is_one_line_exit_143_and_the_run_resumes(tmp_path):
     resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (out / "iter-1" / "summary.json").exists() and not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["cut", "deleted"])
+def test_a_damaged_split_is_refused_never_drawn_again(finished, tmp_path, damage):
+    """held_out.jsonl fixes what is never trained on: a new split drawn in its place could train on held-out
+    instructions, so a cut or missing one stops the run, with what to do, and nothing is rewritten."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    held = out / "held_out.jsonl"
+    if damage == "cut":
+        held.write_text(held.read_text()[:30])
+    else:
+        held.unlink()
+    split = (out / "split.json").read_bytes()
+    line = one_error_line(minitpo("run", "recipes/tiny.yaml", "--out", out, *QUICK, *RULE_JUDGE, "iterations=2"))
+    assert line.startswith(f"error: {held}: " + ("line 1 is not valid JSON" if damage == "cut" else "missing, and split.json is there"))
+    assert line.endswith("restore it from a copy, or start over with --fresh"), line
+    assert (out / "split.json").read_bytes() == split and not (out / "iter-2").exists()
