@@ -109,11 +109,11 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
 
 
 def _check_lengths(recipe: Recipe, out: Path, template, held_out, slices, fresh: bool) -> None:
-    """The instructions still to sample (and the held-out ones, when the run evaluates) must fit the
+    """The instructions still to sample, and the held-out ones (`eval` samples them), must fit the
     policy's context: checked with its tokenizer and config alone, before any model loads."""
     pending = [i for t, s in enumerate(slices, start=1)
                if fresh or not (rundir.iteration_dir(out, t) / "candidates.jsonl").exists() for i in s]
-    pending += held_out if recipe.evaluate else []
+    pending += held_out if pending else []  # a finished run is not held up by them
     if pending:
         check_prompt_lengths(load_tokenizer(recipe.policy.model), context_length(recipe.policy.model), pending,
                              template, recipe.sampling, recipe.thought.system_prompt)
