@@ -2,6 +2,7 @@
 (`UserError`) print as one line and exit with status 2, without a traceback."""
 
 import os
+import signal
 import sys
 
 import click
@@ -28,9 +29,12 @@ def run(recipe, overrides, out, fresh):
     OVERRIDES are dotted KEY=VALUE pairs applied on top of the recipe, e.g. sampling.k=4 train.lr=1e-5."""
     from minitpo.recipe import load_recipe
 
-    if out:
+    if out is not None:  # --out "" (an unset variable) is refused by load_recipe, never the working directory
         overrides = (*overrides, f"out={out}")
     recipe = load_recipe(recipe, list(overrides))  # every check that needs no model, before torch imports
+    from minitpo.rundir import check_out
+
+    check_out(recipe.out, fresh)  # --fresh deletes only a folder minitpo made
     from minitpo.loop import run as run_loop
 
     run_loop(recipe, fresh=fresh)  # prints a line per iteration, then the evaluation when the recipe asks
@@ -54,6 +58,10 @@ def judge_check(recipe, overrides, set_path, json_path):
 
     cfg = load_recipe(recipe, list(overrides)).judge
     items = load_preference_set(set_path) if set_path else sanity_items()
+    if json_path:  # before the judging, not after it
+        if os.path.isdir(json_path):
+            raise UserError(f"--json: {json_path!r} is a folder; give the path of a .json file to write")
+        io.check_writable(os.path.dirname(os.path.abspath(json_path)), "--json")
     result = check_judge(cfg, items)
     if json_path:
         io.write_json(json_path, result)
@@ -128,12 +136,14 @@ def export(path, out, gguf, gguf_lora, qtype):
     """Merge the adapter of PATH (RUN_DIR/iter-N or an adapter folder) into its full-precision base
     model and save it with its tokenizer into OUT, a new folder that transformers loads without peft.
     With --gguf, OUT is one GGUF file for llama.cpp instead; with --gguf-lora, the adapter alone."""
+    from minitpo import io
     from minitpo.export import export_gguf, export_merged
 
     if gguf and gguf_lora:
         raise UserError("export: --gguf and --gguf-lora write different files; pass one of them")
     if qtype is not None and not gguf:
         raise UserError(f"export: --type {qtype} is the tensor type of a --gguf file; add --gguf or drop --type")
+    io.check_writable(os.path.dirname(os.path.abspath(out)), "OUT")  # before the model loads and merges
     if gguf or gguf_lora:
         written = export_gguf(path, out, qtype or "f16", lora=gguf_lora)
         size = written.stat().st_size / 2**20
@@ -152,16 +162,31 @@ def _exit_now(status: int):
     os._exit(status)
 
 
+class Terminated(BaseException):
+    """SIGTERM (what a scheduler or `kill` sends): stops the run as Ctrl-C does. A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` on the way swallows it."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main():
     first = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone speaks for the run
     if not first:
         os.environ["TQDM_DISABLE"] = "1"  # before tqdm is imported: bars given no `disable` stay quiet
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(prog_name="minitpo", standalone_mode=False)
     except UserError as e:
         if first:
             click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except Terminated:  # as Ctrl-C, with the status of a process ended by SIGTERM (128 + 15)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one while exiting changes nothing
+        if first:
+            click.echo("terminated; run the same command again to resume from the last finished stage", err=True)
+        _exit_now(143)
     except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C: what finished is on disk
         if first:
             click.echo("interrupted; run the same command again to resume from the last finished stage", err=True)

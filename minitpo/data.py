@@ -3,6 +3,12 @@
 Consumes `data.instructions` (.jsonl with "instruction" and optional "category", or .txt with one
 instruction per line). Produces `Instruction`s: the held-out set first, then one fresh, disjoint slice
 per iteration, so no instruction is trained on twice and held-out ones never are (docs/method.md step 1).
+
+Two things would break that silently, and are closed here: an instruction listed twice (its copies
+could land on both sides of the split: `drop_duplicates` keeps the first), and a file edited between
+resumes (a new shuffle would move held-out and used instructions into training: the run directory
+keeps the split it started with, and `split_instructions(kept=...)` only adds slices, from
+instructions in neither part).
 """
 
 import json
@@ -57,17 +63,48 @@ def load_instructions(path: str | Path) -> list[Instruction]:
     return items
 
 
-def split_instructions(items, per_iteration: int, held_out: int, iterations: int, seed: int):
+def same_text(text: str) -> str:
+    """What two instructions share when they are the same one: case and spacing do not count."""
+    return " ".join(text.lower().split())
+
+
+def drop_duplicates(items: list[Instruction]) -> tuple[list[Instruction], int]:
+    """The instructions with every repeat of an earlier one (same_text) dropped, and how many were."""
+    seen, unique = set(), []
+    for item in items:
+        if same_text(item.text) not in seen:
+            seen.add(same_text(item.text))
+            unique.append(item)
+    return unique, len(items) - len(unique)
+
+
+def split_instructions(items, per_iteration: int, held_out: int, iterations: int, seed: int, kept=None):
     """(held_out, [slice for iteration 1, slice for iteration 2, ...]), disjoint, from one seeded
-    shuffle. Fails, before any model loads, when the file is too small for the recipe."""
-    need = held_out + per_iteration * iterations
-    if need > len(items):
-        raise UserError(
-            f"data.instructions: {len(items)} instructions, but the recipe needs {need} "
-            f"(held_out {held_out} + per_iteration {per_iteration} x {iterations} iterations); "
-            "add instructions or lower data.per_iteration"
-        )
+    shuffle. `kept` is the (held_out, slices) a run directory already fixed: they stay as they are and
+    only the iterations beyond them get slices, from the instructions in neither (so a file that grew
+    or changed between resumes never moves a held-out or used instruction into training). Fails,
+    before any model loads, when the file is too small for the recipe."""
     order = list(items)
     random.Random(seed).shuffle(order)
-    slices = [order[held_out + t * per_iteration: held_out + (t + 1) * per_iteration] for t in range(iterations)]
-    return order[:held_out], slices
+    if kept is None:
+        kept = (order[:held_out], [])
+        order = order[held_out:] if len(order) >= held_out else []
+    kept_held, kept_slices = kept
+    taken = {same_text(i.text) for i in kept_held} | {same_text(i.text) for s in kept_slices for i in s}
+    fresh = [i for i in order if same_text(i.text) not in taken]
+    missing = max(iterations - len(kept_slices), 0)
+    if per_iteration * missing > len(fresh):  # (a kept held-out set of another size: the recipe check's)
+        raise UserError(_too_few(len(items), len(fresh), per_iteration, held_out, iterations, kept_slices))
+    slices = [fresh[t * per_iteration:(t + 1) * per_iteration] for t in range(missing)]
+    return list(kept_held), list(kept_slices) + slices
+
+
+def _too_few(n_items, n_fresh, per_iteration, held_out, iterations, kept_slices) -> str:
+    if not kept_slices:
+        return (f"data.instructions: {n_items} instructions, but the recipe needs {held_out + per_iteration * iterations} "
+                f"(held_out {held_out} + per_iteration {per_iteration} x {iterations} iterations); "
+                "add instructions or lower data.per_iteration")
+    missing = iterations - len(kept_slices)
+    return (f"data.instructions: {n_fresh} instructions are neither held out nor used by this run's "
+            f"{len(kept_slices)} iterations, but {missing} more iterations need {per_iteration * missing}; "
+            "add instructions or lower iterations")

@@ -36,7 +36,25 @@ BOOTSTRAP_SEED = 0
 CI_LEVEL = 0.95
 
 
+MIN_CI_ITEMS = 10  # an interval over fewer items means nothing (one item: "1.000-1.000"), and says so
+
+
 # ---------------------------------------------------------------- the arithmetic (pure functions)
+
+def ci_text(r: dict, label: str = "95% CI ") -> str:
+    """The interval of a result with n, ci_low and ci_high, flagged when it rests on too few items."""
+    text = f"{label}{r['ci_low']:.3f}-{r['ci_high']:.3f}"
+    return text if r["n"] >= MIN_CI_ITEMS else f"{text}, n {r['n']}: too few items for an interval"
+
+
+def held_out_warning(held_out: int) -> str | None:
+    """What `evaluate: true` over `held_out` instructions can show, when that is too little to tell models
+    apart: the half-width of a 95% interval around a win rate of 0.5 (normal approximation)."""
+    if held_out >= 32:
+        return None
+    return (f"evaluate: data.held_out {held_out} gives a win rate whose 95% interval is about "
+            f"+-{1.96 * 0.5 / held_out ** 0.5:.2f} wide; 32 or more held-out instructions tell two models apart")
+
 
 def bootstrap_interval(verdicts, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
                        level: float = CI_LEVEL) -> tuple[float, float]:
@@ -174,6 +192,7 @@ def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed
     (model, *_), (against, *_) = refs
     if model == against:
         raise UserError(f"--model and --against are both {model!r}; compare two different models")
+    io.check_writable(run_dir / "eval", "RUN_DIR")  # before the minutes of sampling and judging
 
     marker_of = [load_template(r.thought.template, r.thought.marker, r.thought.min_words).marker for *_, r in refs]
     # One policy in memory at a time: sample, then free it before the next model (and the judge) load.
@@ -215,7 +234,7 @@ def summary_text(r: dict) -> str:
     def chars(x):
         return "-" if x is None else f"{x:.0f}"
     lines = [
-        f"{m} vs {a}: win rate {r['win_rate']:.3f} (95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}) "
+        f"{m} vs {a}: win rate {r['win_rate']:.3f} ({ci_text(r)}) "
         f"over {r['n']} instructions" + (f" x {r['samples']} samples" if r.get("samples", 1) > 1 else "")
         + f", mean p {r['mean_p']:.3f}, ties {r['ties']}",
         f"  parse rate {m} {r['parse_rate'][m]:.2f} / {a} {r['parse_rate'][a]:.2f} | "
@@ -229,10 +248,10 @@ def summary_text(r: dict) -> str:
                      f"with a thought and a response {m} {rate(thought.get(m))} / {a} {rate(thought.get(a))}")
     lc = r.get("length_controlled")
     if lc:
-        lines.insert(1, f"  length-controlled win rate {lc['win_rate']:.3f} (95% CI {lc['ci_low']:.3f}-"
-                        f"{lc['ci_high']:.3f}) over the {lc['n']} instructions where both responses parsed")
+        lines.insert(1, f"  length-controlled win rate {lc['win_rate']:.3f} ({ci_text(lc)}) over the {lc['n']} "
+                        "instructions where both responses parsed")
     for cat, c in r["categories"].items():
-        lines.append(f"  {cat}: {c['win_rate']:.3f} ({c['ci_low']:.3f}-{c['ci_high']:.3f}), n {c['n']}")
+        lines.append(f"  {cat}: {c['win_rate']:.3f} ({ci_text(c, '')})" + (f", n {c['n']}" if c["n"] >= MIN_CI_ITEMS else ""))
     return "\n".join(lines)
 
 
@@ -264,7 +283,7 @@ def _read_recipe(run_dir: Path) -> Recipe:
 
 def _held_out(run_dir: Path) -> list[Instruction]:
     path = run_dir / "held_out.jsonl"
-    rows = io.read_jsonl(path, missing_ok=True)
+    rows = io.read_jsonl(path, missing_ok=True, fix=rundir.KEEP_SPLIT)
     if not rows:
         raise UserError(f"{path}: no held-out instructions; set data.held_out (e.g. 100) in the recipe "
                         "and start a new run with it")

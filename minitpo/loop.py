@@ -5,6 +5,7 @@ files in `iter-N/` and writes its own, atomically; a stage whose output exists i
 killed run resumes from the last finished stage. The run directory is the source of truth:
 
   recipe.yaml          the resolved recipe          held_out.jsonl   instructions kept for eval
+  split.json           each iteration's instructions, fixed when the run starts (never reshuffled)
   metrics.jsonl        one line per iteration
   iter-N/candidates.jsonl  sample   K outputs per instruction, split into thought and response
   iter-N/scores.jsonl      judge    raw judge score, response length, length-controlled score
@@ -29,21 +30,20 @@ from pathlib import Path
 
 import click
 import torch
-import yaml
 
 from minitpo import dist, engine, io, rundir
 from minitpo.config import Recipe
 from minitpo.recipe import recipe_to_dict
-from minitpo.data import Instruction, load_instructions, split_instructions
-from minitpo.errors import UserError
+from minitpo.evaluate import held_out_warning
+from minitpo.data import Instruction, drop_duplicates, load_instructions, split_instructions
 from minitpo.judges.llama import load_prompt_template
 from minitpo.device import free_memory, pick_device
-from minitpo.model import enable_checkpointing, load_policy, save_adapter
+from minitpo.model import context_length, enable_checkpointing, load_policy, load_tokenizer, save_adapter
 from minitpo.pairs import Pair, auto_rho, build_pairs, by_instruction, control_length
 from minitpo.prompts import load_template
-from minitpo.sample import Candidate, eos_token_ids, sample_candidates
+from minitpo.sample import Candidate, check_prompt_lengths, eos_token_ids, sample_candidates
 from minitpo.judges import merge_caches, merge_stats, rank_cache, score_candidates
-from minitpo.summary import summarize, summary_line, write_summary
+from minitpo.summary import check_summaries, summarize, summary_line, write_summary
 from minitpo.train import reference_logps, tokenize_pairs, train_adapter
 
 
@@ -53,26 +53,37 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     out = Path(recipe.out)
     template = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
     data = recipe.data
-    held_out, slices = split_instructions(  # fails on a bad or short file before anything is written
-        load_instructions(data.instructions), data.per_iteration, data.held_out, recipe.iterations, data.seed
-    )
+    items, duplicates = drop_duplicates(load_instructions(data.instructions))  # fails on a bad file
+    if duplicates and dist.is_main():
+        click.echo(f"data.instructions: {duplicates} repeated instructions dropped (the first of each kept), "
+                   "so none is both held out and trained on", err=True)
+    kept = None if fresh else rundir.kept_split(out)  # a run keeps its split, whatever the file became
+    held_out, slices = split_instructions(items, data.per_iteration, data.held_out, recipe.iterations, data.seed,
+                                          kept=kept)  # fails on a short file before anything is written
+    _check_lengths(recipe, out, template, held_out, slices[:recipe.iterations], fresh)
     with ExitStack() as held:
         def setup():
             held.enter_context(rundir.lock(out))  # one writer: a second run on this directory stops here
+            rundir.check_out(out, fresh)  # --fresh deletes, and a run writes into, only minitpo's folders
             if fresh:
                 rundir.clear(out)
             rundir.remove_stale_temps(out)  # left by a killed run's unfinished writes
-            _claim_run_dir(out, recipe)
+            for key in rundir.claim(out, recipe_to_dict(recipe)):  # a setting fixed before its stage ran
+                click.echo(f"recipe: {key} changed; no iteration has run the stage that reads it, so the run "
+                           "goes on with the new value", err=True)
+            check_summaries(out)  # a finished iteration's summary that does not parse stops the run here
             if recipe.judge.type == "llama_cpp" and recipe.judge.mode == "pointwise" and not (out / "judge_prompt.txt").exists():
                 io.write_text(out / "judge_prompt.txt", load_prompt_template(recipe.judge.prompt))  # what the judge saw
-            if not (out / "held_out.jsonl").exists():
-                io.write_jsonl(out / "held_out.jsonl", [dataclasses.asdict(i) for i in held_out])
+            if kept is None or len(slices) > len(kept[1]) or not (out / rundir.SPLIT).exists():
+                rundir.write_split(out, held_out, slices)  # fixed before the first instruction is sampled
             if recipe.judge.check:  # is the judge worth the hours? once per run directory, before sampling
                 _judge_check(out, recipe)
+            if recipe.evaluate and (warning := held_out_warning(recipe.data.held_out)):  # before the hours, too
+                click.echo(f"warning: {warning}", err=True)
         dist.on_main(setup)  # rank 0 alone holds the lock and writes; a refusal stops every rank
 
         policy = Policy(recipe, out)
-        for t, instructions in enumerate(slices, start=1):
+        for t, instructions in enumerate(slices[:recipe.iterations], start=1):
             it = rundir.iteration_dir(out, t)
             if dist.broadcast((it / rundir.SUMMARY).exists()):
                 continue
@@ -80,6 +91,8 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
             if dist.is_main():
                 write_summary(out, t, summary)
                 click.echo(summary_line(summary))
+                for warning in summary["warnings"]:  # an iteration that trained on nothing says so
+                    click.echo(f"warning: iter {t}: {warning}", err=True)
             dist.barrier()
 
         if not dist.is_main():
@@ -90,10 +103,21 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
             from minitpo.evaluate import evaluate, summary_text
 
             del policy
-            saved = out / "eval" / f"{rundir.iteration_name(len(slices))}-vs-seed.json"
+            saved = out / "eval" / f"{rundir.iteration_name(recipe.iterations)}-vs-seed.json"
             click.echo(summary_text(io.read_json(saved) if saved.exists() else evaluate(out)))
     dist.close()
     return out
+
+
+def _check_lengths(recipe: Recipe, out: Path, template, held_out, slices, fresh: bool) -> None:
+    """The instructions still to sample, and the held-out ones (`eval` samples them), must fit the
+    policy's context: checked with its tokenizer and config alone, before any model loads."""
+    pending = [i for t, s in enumerate(slices, start=1)
+               if fresh or not (rundir.iteration_dir(out, t) / "candidates.jsonl").exists() for i in s]
+    pending += held_out if pending else []  # a finished run is not held up by them
+    if pending:
+        check_prompt_lengths(load_tokenizer(recipe.policy.model), context_length(recipe.policy.model), pending,
+                             template, recipe.sampling, recipe.thought.system_prompt)
 
 
 def _judge_check(out: Path, recipe: Recipe) -> None:
@@ -249,21 +273,3 @@ class Policy:
 def _checkpointing(recipe: Recipe) -> bool:
     on = recipe.train.gradient_checkpointing
     return recipe.policy.quantization == "nf4" if on is None else on
-
-
-def _claim_run_dir(out: Path, recipe: Recipe) -> None:
-    """Write recipe.yaml, or check that an existing run directory holds the same recipe (resume)."""
-    resolved = recipe_to_dict(recipe)
-    path = out / "recipe.yaml"
-    if path.exists():
-        before = yaml.safe_load(path.read_text(encoding="utf-8"))
-        differ = sorted(k for k in set(before) | set(resolved)
-                        if k not in ("iterations", "out") and before.get(k) != resolved.get(k))
-        if differ:
-            raise UserError(
-                f"out: {str(out)!r} holds a run of a different recipe (sections differ: {', '.join(differ)}); "
-                "pass --fresh to start over or --out to use another directory"
-            )
-        if before == resolved:
-            return
-    io.write_text(path, yaml.safe_dump(resolved, sort_keys=False))

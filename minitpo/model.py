@@ -40,6 +40,18 @@ def load_tokenizer(model: str):
     return tokenizer
 
 
+def context_length(model: str) -> int | None:
+    """The policy's context in tokens (its config's max_position_embeddings), read without its weights;
+    None when the config does not say."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(_source(model)), "max_position_embeddings", None)
+
+
+def _not_trust_check_skipped(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Skipping publisher trust check")
+
+
 def quiet_libraries() -> None:
     """Silence the libraries' messages that say nothing to a minitpo user, where they come from; their
     other warnings still show (Python shows each warning once per place)."""
@@ -50,6 +62,9 @@ def quiet_libraries() -> None:
     # bitsandbytes on an AVX-512-bf16 CPU tries an optional kernel from the Hub ("Failed to load CPU
     # gemm_4bit_forward from kernels-community"): it is not installed, and its fallback is what we test.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # ... and with HF_HUB_OFFLINE=1, as offline users run, that lookup says on every run that it skips the
+    # kernel's "publisher trust check": that message alone goes, the module's others stay.
+    logging.getLogger("kernels._internals.hf_hub").addFilter(_not_trust_check_skipped)
     # peft asks for transformers' old name `is_gradient_checkpointing`: a FutureWarning on every load.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     # "Loading weights" bars, a second per load; Hub download bars (huggingface_hub's) still show.

@@ -37,7 +37,10 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
         what = "is a folder" if path.is_dir() else "does not exist"
         raise UserError(f"recipe: {str(path)!r} {what}; give the path of a recipe .yaml file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
+    except _Repeated as e:
+        raise UserError(f"recipe: {path} sets {e.key!r} twice in one section (lines {e.lines[0]} and {e.lines[1]}) "
+                        "and YAML would keep the last silently; keep one") from None
     except UnicodeDecodeError as e:
         raise UserError(f"recipe: {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
     except yaml.YAMLError as e:
@@ -46,16 +49,92 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
         raise UserError(f"recipe: {path} is not valid YAML{at}; fix the syntax there") from None
     if not isinstance(raw, dict):
         raise UserError(f"recipe: {path} must be a mapping of sections (policy:, data:, ...), not {type(raw).__name__}")
+    if _values_over(raw, MAX_VALUES):  # YAML aliases nest copies in copies: 700 bytes can stand for billions
+        raise UserError(f"recipe: {path} stands for more than {MAX_VALUES} values (aliases of aliases?); "
+                        "write the recipe out without nested aliases")
     if check_files:
         raw = _resolve_packaged_models(raw)
     raw = _resolve_paths(raw, base=path.parent)
     for item in overrides:
         _apply_override(raw, item)
     raw.setdefault("out", str(Path("runs") / path.stem))
+    if not isinstance(raw["out"], str) or not raw["out"].strip():  # `out=$OUT` with OUT unset
+        raise UserError(f"out: {raw['out']!r} is empty; give a run directory, or leave out unset for "
+                        f"runs/{path.stem}")
     recipe = _build(Recipe, raw, prefix="")
     if check_files:
+        _check_trainable(recipe)
         _check_files(recipe)
     return recipe
+
+
+def _check_trainable(recipe: Recipe) -> None:
+    """Combinations of settings that each pass their own range check but cannot train, or waste what
+    they sample. Checked for a recipe about to run, not for a finished run's recipe.yaml (eval, chat)."""
+    sampling, train, data = recipe.sampling, recipe.train, recipe.data
+    if train.label_smoothing and train.loss != "sigmoid":
+        raise UserError(f"train.label_smoothing: {train.label_smoothing} works with train.loss sigmoid only, not "
+                        f"{train.loss!r}; set train.label_smoothing=0 or train.loss=sigmoid")
+    if train.val_fraction and train.epochs == 1:
+        raise UserError(f"train.val_fraction: {train.val_fraction} sets pairs aside to pick the best epoch, and "
+                        "train.epochs is 1; set train.val_fraction=0 to train on every pair, or raise train.epochs")
+    most_trained = data.per_iteration - int(data.per_iteration * train.val_fraction)  # one pair per instruction at most
+    if train.val_fraction and most_trained < train.batch_size:
+        raise UserError(f"train.val_fraction: {train.val_fraction} leaves at most {most_trained} of "
+                        f"data.per_iteration {data.per_iteration} pairs to train on, fewer than train.batch_size "
+                        f"{train.batch_size}; lower train.val_fraction or raise data.per_iteration")
+    greedy_twins = not (sampling.force_marker and sampling.unforced)  # forced and unforced greedy outputs differ
+    if sampling.temperature == 0 and greedy_twins:
+        raise UserError(f"sampling.temperature: 0 samples greedily, so the {sampling.k} candidates of an "
+                        "instruction are the same and no pair can be built; use a temperature above 0 (0.8 is "
+                        "the paper's)")
+    if recipe.thought.min_words and recipe.thought.template == "direct":
+        raise UserError(f"thought.min_words: {recipe.thought.min_words} with the direct template (no thought) makes "
+                        "every output a format failure; set thought.min_words=0 or pick a thought template")
+
+
+MAX_VALUES = 10_000  # a recipe has about 80; anything near this is an alias expansion, not a recipe
+
+
+class _Repeated(Exception):
+    def __init__(self, key, lines):
+        self.key, self.lines = key, lines
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key set twice in one mapping: YAML keeps the last one silently, so two
+    `train:` sections would drop the first one's settings."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key != "<<" and key in seen:
+                raise _Repeated(key, (seen[key], key_node.start_mark.line + 1))
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _values_over(value, limit: int) -> bool:
+    """Whether the parsed YAML holds more than `limit` values, counted with aliases expanded; stops at
+    the limit, so a billion-value alias bomb costs `limit` steps."""
+    stack, n = [value], 0
+    while stack:
+        x = stack.pop()
+        n += 1
+        if n > limit:
+            return True
+        if isinstance(x, dict):
+            stack += [*x.keys(), *x.values()]
+        elif isinstance(x, list):
+            stack += x
+    return False
+
+
+def _shown(value, width: int = 60) -> str:
+    """repr(value), cut to `width` characters: a one-line message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
@@ -131,7 +210,7 @@ def _apply_override(raw: dict, item: str) -> None:
 
 def _build(cls, raw, prefix: str):
     if not isinstance(raw, dict):
-        raise UserError(f"{prefix.rstrip('.')}: expected a section (mapping), got {raw!r}; indent its keys under it")
+        raise UserError(f"{prefix.rstrip('.')}: expected a section (mapping), got {_shown(raw)}; indent its keys under it")
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:
@@ -164,16 +243,16 @@ def _coerce(value, tp, key: str):
                 return _coerce(value, option, key)
             except UserError:
                 pass
-        raise UserError(f"{key}: {value!r} has the wrong type; expected {_describe(tp)}")
+        raise UserError(f"{key}: {_shown(value)} has the wrong type; expected {_describe(tp)}")
     if origin is Literal:
         if value not in args:
-            raise UserError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}; pick one")
+            raise UserError(f"{key}: {_shown(value)} is not one of {', '.join(map(str, args))}; pick one")
         return value
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{key}: {value!r} has the wrong type; expected a list of names")
+            raise UserError(f"{key}: {_shown(value)} has the wrong type; expected a list of names")
         return tuple(value)
     if tp is float and isinstance(value, str):
         try:
@@ -189,7 +268,7 @@ def _coerce(value, tp, key: str):
         str: isinstance(value, str),
     }[tp]
     if not ok:
-        raise UserError(f"{key}: {value!r} has the wrong type; expected {_describe(tp)}")
+        raise UserError(f"{key}: {_shown(value)} has the wrong type; expected {_describe(tp)}")
     return float(value) if tp is float else value
 
 
@@ -208,6 +287,10 @@ def _check_files(recipe: Recipe) -> None:
     if judge.type == "llama_cpp":
         _check_file("judge.model", judge.model, "give the path of a GGUF judge model")
         _check_gguf("judge.model", judge.model)
+        if not judge.prompt or Path(judge.prompt).is_file():  # a missing prompt file is named just below
+            from minitpo.judges.llama import check_prompt_fits
+
+            check_prompt_fits(judge, pairwise=judge.mode == "pairwise" or recipe.evaluate)
     if judge.type == "reward_model" and judge.model:
         _check_model("judge.model", judge.model, "give a Hub id or a local folder of a reward model")
     if judge.type == "python":
@@ -221,7 +304,11 @@ def _check_files(recipe: Recipe) -> None:
         load_prompt_template(judge.prompt)
     from minitpo.prompts import load_template  # a shipped name or a file: validates it and its marker
 
-    load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
+    marker = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words).marker
+    for stop in recipe.sampling.stop:
+        if marker and marker in stop:  # the output would end where its response starts
+            raise UserError(f"sampling.stop: {stop!r} holds the thought marker {marker!r}, so no output could have "
+                            "a response; remove it from sampling.stop")
     _check_out(recipe.out)
 
 

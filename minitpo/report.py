@@ -15,7 +15,6 @@ error: older runs and partial iterations still get a report. The figures are dra
 global state or open a window.
 """
 
-import json
 import math
 from pathlib import Path
 
@@ -113,7 +112,7 @@ def _read_evals(eval_dir: Path) -> tuple[list[dict], list[str]]:
     for path in sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []:
         try:
             data = io.read_json(path)
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UserError):  # one result that does not parse does not stop the report
             notes.append(f"skipped eval/{path.name}: not readable JSON")
             continue
         for item in data if isinstance(data, list) else [data]:
@@ -256,6 +255,9 @@ def _markdown(run_dir: Path, rows: list[dict], figures: list[tuple[str, str]], n
               "DPO numbers are means over the last epoch's updates. `-` marks a value the run did not record.", ""]
     for heading, name in figures:
         lines += [f"## {heading}", "", f"![{heading}](report/{name})", ""]
+    warnings = [f"iter {r['iteration']}: {w}" for r in rows for w in r.get("warnings") or []]
+    if warnings:  # an iteration that trained on nothing, or on few of its pairs
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)

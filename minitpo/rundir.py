@@ -13,6 +13,11 @@ The writer: `lock(out)` is held for the whole of `minitpo run` and refuses, in o
 another process holds; `clear(out)` is what --fresh does, under that lock; `remove_stale_temps(out)`
 removes the temporary files a killed process left behind.
 
+Only minitpo's own folders are ever deleted. `claim` writes RUN_DIR/.minitpo before the run's first
+file; `check_out(out, fresh)` refuses, before anything loads or is written, --fresh on a folder
+without it (a run from before the marker counts by its recipe.yaml and held_out.jsonl) and a run into
+a folder of someone else's files; `clear` checks again under the lock.
+
 The lock is `flock` on RUN_DIR/.lock: the kernel releases it when the holding process exits, however it
 exits (SIGKILL included), so a killed run never leaves it stuck; the file itself staying behind means
 nothing. The holder's pid is written into it, for the message a second run prints.
@@ -23,15 +28,22 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
+
 from minitpo.config import PolicyConfig, SamplingConfig
+from minitpo.data import Instruction
 from minitpo.errors import UserError
+from minitpo import io
 from minitpo.io import read_json
 from minitpo.prompts import Template, load_template
 
 LOCK = ".lock"
+HELD_OUT = "held_out.jsonl"  # in RUN_DIR/: the instructions kept for evaluation, never trained on
+SPLIT = "split.json"  # in RUN_DIR/: each iteration's instructions, fixed when the run starts
+MARKER = ".minitpo"  # written when a run claims its directory: --fresh deletes only a folder that has it
 SUMMARY = "summary.json"  # in iter-N/, written last: the iteration is finished
 METRICS = "metrics.jsonl"  # in RUN_DIR/: the finished summaries, in order
 ADAPTER = "adapter"  # in iter-N/: the LoRA adapter of model N
@@ -70,6 +82,36 @@ def has_adapter(folder: Path) -> bool:
     return (Path(folder) / "adapter_config.json").is_file()
 
 
+KEEP_SPLIT = ("it holds this run's split, which a new one drawn now could break (held-out instructions trained "
+              "on): restore it from a copy, or start over with --fresh")
+
+
+def kept_split(out: Path) -> tuple[list[Instruction], list[list[Instruction]]] | None:
+    """(held_out, slices) as the run directory fixed them, None for a new run. A run from before
+    split.json has the slices its iterations sampled (iter-N/candidates.jsonl, in order)."""
+    out = Path(out)
+    if not (out / HELD_OUT).is_file():
+        if (out / SPLIT).is_file():  # a new split would not know which instructions were held out
+            raise UserError(f"{out / HELD_OUT}: missing, and {SPLIT} is there; {KEEP_SPLIT}")
+        return None
+    held = [Instruction(**row) for row in io.read_jsonl(out / HELD_OUT, fix=KEEP_SPLIT)]
+    if (out / SPLIT).is_file():
+        return held, [[Instruction(**row) for row in s] for s in io.read_json(out / SPLIT, fix=KEEP_SPLIT)["iterations"]]
+    slices = []
+    while (path := iteration_dir(out, len(slices) + 1) / "candidates.jsonl").is_file():
+        rows = {r["instruction_id"]: Instruction(r["instruction_id"], r["instruction"], r.get("category", ""))
+                for r in io.read_jsonl(path)}
+        slices.append(list(rows.values()))
+    return held, slices
+
+
+def write_split(out: Path, held_out: list[Instruction], slices: list[list[Instruction]]) -> None:
+    """held_out.jsonl (once: evaluation reads it) and split.json, each iteration's instructions."""
+    if not (Path(out) / HELD_OUT).is_file():
+        io.write_jsonl(Path(out) / HELD_OUT, [asdict(i) for i in held_out])
+    io.write_json(Path(out) / SPLIT, {"iterations": [[asdict(i) for i in s] for s in slices]})
+
+
 @dataclass(frozen=True)
 class Resolved:
     policy: PolicyConfig
@@ -105,7 +147,7 @@ def resolve_adapter(path: str | Path, template: str | None = None) -> Resolved:
                         template=load_template(template or thought.template, thought.marker, thought.min_words),
                         system_prompt=thought.system_prompt, sampling=recipe.sampling)
 
-    config = read_json(adapter / "adapter_config.json")
+    config = read_json(adapter / "adapter_config.json", fix="the adapter folder is damaged; give another iteration or adapter")
     base = config.get("base_model_name_or_path")
     if not base:
         raise UserError(
@@ -131,6 +173,54 @@ def _not_an_adapter(path: Path) -> str:
             "or a peft adapter folder")
 
 
+# Which stage first reads a recipe key (a section, or section.key): a resumed run may change a key until
+# that stage's output exists in some iteration. policy and data define the run (its model, its split):
+# they never change. iterations, out and evaluate may always change.
+READ_BY = {"thought": "candidates.jsonl", "sampling": "candidates.jsonl", "judge": "scores.jsonl",
+           "train.max_length": "pairs.jsonl", "train.batch_size": "pairs.jsonl", "train.logps_chunk": "pairs.jsonl",
+           "train.autocast": "pairs.jsonl", "train": "train_summary.json"}
+FREE = ("iterations", "out", "evaluate")
+STAGE_OF = {"candidates.jsonl": "sample", "scores.jsonl": "judge", "pairs.jsonl": "pair", "train_summary.json": "train"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    flat = {}
+    for k, v in d.items():
+        flat.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
+
+
+def claim(out: Path, resolved: dict) -> list[str]:
+    """Write recipe.yaml and the marker, or check a resumed run's recipe: a changed key is taken when no
+    iteration has run the stage that reads it (a setting fixed after it failed a run), else refused in
+    one line. Returns the changed keys taken. Call it with the lock held, after check_out."""
+    path = Path(out) / "recipe.yaml"
+    if not path.exists():
+        mark(out)  # first: from its first file on, the directory is minitpo's
+        io.write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+        return []
+    before, now = _flat(yaml.safe_load(path.read_text(encoding="utf-8")) or {}), _flat(resolved)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k.split(".")[0] not in FREE)
+    for key in changed:
+        section = key.split(".")[0]
+        stage_file = READ_BY.get(key, READ_BY.get(section))
+        ran = sorted(Path(out).glob(f"iter-*/{stage_file}")) if stage_file else []
+        if stage_file is None or ran:
+            reason = (f"{ran[0].parent.name} ran its {STAGE_OF[stage_file]} stage with the old value" if ran else
+                      "the policy and the data define a run")
+            raise UserError(f"out: {str(out)!r} holds a run of a different recipe ({key} differs, and {reason}); "
+                            "pass --fresh to start over or --out to use another directory")
+    if any(k.startswith("judge.") for k in changed):  # the old judge's work that no stage finished goes
+        for stale in [Path(out) / "judge_check.json", Path(out) / "judge_prompt.txt",
+                      *Path(out).glob("iter-*/judge_cache.jsonl")]:
+            stale.unlink(missing_ok=True)
+    mark(out)  # a run from before the marker, its recipe now checked
+    if before != now:
+        io.write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+    return changed
+
+
 @contextmanager
 def lock(out: Path):
     """Hold RUN_DIR's lock for the duration of the block, or raise UserError when another process does."""
@@ -152,8 +242,42 @@ def lock(out: Path):
         os.close(fd)  # releases the flock
 
 
+def is_run_dir(out: Path) -> bool:
+    """minitpo wrote this folder: it has the marker, or it is a run from before the marker."""
+    out = Path(out)
+    return (out / MARKER).is_file() or ((out / "recipe.yaml").is_file() and (out / "held_out.jsonl").is_file())
+
+
+def _others(out: Path) -> list[str]:
+    """The names in `out` that are not minitpo's lock or marker."""
+    return sorted(e.name for e in Path(out).iterdir() if e.name not in (LOCK, MARKER))
+
+
+def check_out(out: Path, fresh: bool) -> None:
+    """Refuse, in one line, to delete (--fresh) or to write into a folder of files minitpo did not write.
+    A new or empty folder, and a run directory, pass."""
+    out = Path(out)
+    if not out.is_dir() or is_run_dir(out) or not (others := _others(out)):
+        return
+    shown = ", ".join(repr(n) for n in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    if fresh:
+        raise UserError(f"out: {str(out)!r} is not a run directory minitpo made (it holds {shown}) and --fresh "
+                        "deletes only those; give another --out, or delete the folder yourself")
+    if not (out / "recipe.yaml").is_file():  # a run with only its recipe written yet is checked by the loop
+        raise UserError(f"out: {str(out)!r} holds files minitpo did not write ({shown}); give a new or empty "
+                        "directory with --out")
+
+
+def mark(out: Path) -> None:
+    """Mark RUN_DIR as minitpo's (once): what lets a later --fresh delete it."""
+    if not (Path(out) / MARKER).is_file():
+        io.write_text(Path(out) / MARKER, "A minitpo run directory: `minitpo run --fresh` may delete it.\n")
+
+
 def clear(out: Path) -> None:
-    """Delete everything in RUN_DIR but its lock (--fresh). Call it with the lock held."""
+    """Delete everything in RUN_DIR but its lock (--fresh), only if minitpo wrote it (check_out). Call it
+    with the lock held."""
+    check_out(out, fresh=True)
     for entry in Path(out).iterdir():
         if entry.name == LOCK:
             continue

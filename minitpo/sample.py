@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from minitpo.errors import UserError
 from minitpo.prompts import Template, build_prompt, split_output, word_count
 
 
@@ -79,6 +80,21 @@ def candidate_seed(seed: int, instruction_id: int, index: int, part: int = 0) ->
     forced; 1: the forced response): a function of these numbers alone, 63 bits of their hash."""
     digest = hashlib.sha256(f"{seed}:{instruction_id}:{index}:{part}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def check_prompt_lengths(tokenizer, context: int | None, instructions, template: Template, cfg,
+                         system_prompt: bool = False) -> None:
+    """Before any sampling: every instruction's prompt plus sampling.max_new_tokens must fit the policy's
+    context (`context` tokens; None: unknown, not checked). One that does not is named in one line: a
+    megabyte pasted into the file would otherwise ask the prefill for terabytes."""
+    if context is None:
+        return
+    for ins in instructions:
+        n = len(tokenizer(build_prompt(tokenizer, template, ins.text, system_prompt), add_special_tokens=False)["input_ids"])
+        if n + cfg.max_new_tokens > context:
+            raise UserError(f"data.instructions: line {ins.id + 1} makes a prompt of {n} tokens, and with "
+                            f"sampling.max_new_tokens {cfg.max_new_tokens} it does not fit the policy's context of "
+                            f"{context} tokens; shorten or remove that instruction, or lower sampling.max_new_tokens")
 
 
 def sample_candidates(model, tokenizer, instructions, template: Template, cfg, seed: int,

@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 from minitpo import io, rundir
+from minitpo.errors import UserError
 from minitpo.sample import thinks, wrote_marker
 from minitpo.verifiable import pass_counts
 
@@ -20,9 +21,23 @@ def write_summary(out: Path, t: int, summary: dict) -> None:
                    [io.read_json(rundir.iteration_dir(out, s) / rundir.SUMMARY) for s in rundir.finished_iterations(out)])
 
 
+def check_summaries(out: Path) -> None:
+    """Read every finished iteration's summary.json, so that one that does not parse stops a resumed run
+    at its start, named, rather than after the next iteration; rewrite metrics.jsonl from them when it
+    is missing, cut or behind."""
+    rows = [io.read_json(rundir.iteration_dir(out, t) / rundir.SUMMARY) for t in rundir.finished_iterations(out)]
+    try:
+        current = io.read_jsonl(Path(out) / rundir.METRICS, missing_ok=True)
+    except UserError:
+        current = None  # recomputed just below, from the summaries
+    if rows and current != rows:
+        io.write_jsonl(Path(out) / rundir.METRICS, rows)
+
+
 def read_metrics(out: Path) -> list[dict]:
     """The finished iterations' summaries, in order (none when metrics.jsonl is missing)."""
-    rows = io.read_jsonl(Path(out) / rundir.METRICS, missing_ok=True)
+    rows = io.read_jsonl(Path(out) / rundir.METRICS, missing_ok=True,
+                         fix="delete it and run `minitpo run` on this run directory again: it rebuilds it")
     for t, row in enumerate(rows, start=1):
         row.setdefault("iteration", t)
     return rows
@@ -81,7 +96,33 @@ def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, judge_s
         # judge prompts over judge.n_ctx, whose response was cut to fit (pairwise: pairs of responses)
         "judge_prompts_cut": judge_stats.get("responses_cut", judge_stats.get("pairs_cut")),
         "stage_wall_s": times,
+        # pairs set aside by train.val_fraction to pick the best epoch: not trained on
+        "pairs_val": train_summary.get("n_val_pairs", 0),
+        "updates": train_summary.get("updates"),
+        # what made the iteration train on little or nothing (the console and the report show them)
+        "warnings": training_warnings(len(pair_rows), len(trained), train_summary),
     }
+
+
+def training_warnings(pairs: int, trained: int, train_summary: dict) -> list[str]:
+    """Why the iteration trained on nothing or on few of its pairs; [] when it trained normally."""
+    if pairs == 0:
+        return ["no pairs: no instruction had a better and a worse candidate (every output the same, a judge "
+                "that ties, or every output a format failure), so nothing was trained"]
+    if trained == 0:
+        return [f"all {pairs} pairs are longer than train.max_length and were skipped, so nothing was trained; "
+                "raise train.max_length"]
+    found = []
+    if trained < pairs / 2:
+        found.append(f"{pairs - trained} of {pairs} pairs are longer than train.max_length and were skipped; "
+                     "raise train.max_length")
+    n_val, n_train = train_summary.get("n_val_pairs", 0), train_summary.get("n_train_pairs", trained)
+    if n_val > n_train:
+        found.append(f"train.val_fraction set {n_val} of {n_val + n_train} pairs aside to pick an epoch and "
+                     f"{n_train} were trained on; lower train.val_fraction")
+    if train_summary.get("updates") == 0:
+        found.append("no optimizer update ran, so nothing was trained")
+    return found
 
 
 def summary_line(s: dict) -> str:
@@ -90,6 +131,7 @@ def summary_line(s: dict) -> str:
         return "-" if x is None else format(x, spec)
     return (f"iter {s['iteration']}: parse {f(s['parse_rate'], '.2f')} | marker {f(s.get('marker_rate'), '.2f')} "
             f"| score {f(s['judge_score'], '.2f')} | "
-            f"pairs {s['pairs_trained']}/{s['instructions']} | thought {f(s['thought_chars'], '.0f')} "
+            f"pairs {s['pairs_trained'] - s.get('pairs_val', 0)}/{s['instructions']}"
+            f"{' (+%d val)' % s['pairs_val'] if s.get('pairs_val') else ''} | thought {f(s['thought_chars'], '.0f')} "
             f"resp {f(s['response_chars'], '.0f')} chars | loss {f(s['train_loss'], '.3f')} "
             f"acc {f(s['reward_accuracy'], '.2f')} | {sum(v for v in s['stage_wall_s'].values() if v):.1f} s")

@@ -5,6 +5,7 @@ written, which also means no model was loaded (the run directory is created befo
 Each case builds its input in a temporary folder from the tiny recipe; the table below is the catalog
 of bad inputs and their messages."""
 
+import json
 import sys
 
 import pytest
@@ -31,6 +32,19 @@ def _setup(tmp):
     (tmp / "latin1.yaml").write_bytes(TINY_RECIPE.replace("# tiny", "# caf\xe9").encode("latin-1"))
     (tmp / "list.yaml").write_text("- policy\n- data\n")
     (tmp / "no_policy.yaml").write_text("data: {instructions: x.jsonl}\njudge: {type: python, function: m:f}\n")
+    two_train = TINY_RECIPE + "train:\n  lr: 5.0e-5\n"  # a second train: section, as pasted from another recipe
+    (tmp / "two_train.yaml").write_text(two_train)
+    (tmp / "twice_k.yaml").write_text(TINY_RECIPE.replace("  k: 4\n", "  k: 4\n  k: 8\n"))
+    bomb = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 10))  # 9^9 values
+    (tmp / "bomb.yaml").write_text(TINY_RECIPE + "l0: &l0 lol\n" + bomb)
+    small = ", ".join(f"&l{i} [{', '.join([f'*l{i - 1}'] * 4)}]" for i in range(1, 6))  # 1365 values in sampling.k
+    (tmp / "small_bomb.yaml").write_text(TINY_RECIPE.replace("  k: 4\n", f"  k: [&l0 lol, {small}]\n"))
+    lines = (TINY / "instructions.jsonl").read_text().splitlines()[:39]  # with the long one: the 40 the recipe uses
+    lines.insert(2, json.dumps({"instruction": "Explain this. " + "word " * 2000}))
+    (tmp / "long.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp / "thesis" / "data").mkdir(parents=True)  # a user's folder: minitpo must never delete or write into it
+    (tmp / "thesis" / "thesis.tex").write_text("\\chapter{One}")
+    (tmp / "thesis" / "data" / "table.csv").write_text("a,b\n")
 
 
 RANGE = [  # (override, key named in the message): every numeric key out of its range
@@ -103,6 +117,37 @@ CASES = [  # (id, recipe file or None for the tiny recipe, extra arguments, text
     ("evaluate without held-out", None, ["evaluate=true", "data.held_out=0"], "evaluate: true needs held-out instructions"),
     ("out is a file", None, ["--out", "TMP/a_file"], "out: 'TMP/a_file' is a file"),
     ("out under a file", None, ["--out", "TMP/a_file/run"], "out: 'TMP/a_file/run' cannot be created: 'TMP/a_file' is a file"),
+    # settings that cannot train, and recipes that do not say what they seem to (issue 26)
+    ("ipo with label smoothing", None, ["train.loss=ipo", "train.label_smoothing=0.1"],
+     "train.label_smoothing: 0.1 works with train.loss sigmoid only, not 'ipo'"),
+    ("hinge with label smoothing", None, ["train.loss=hinge", "train.label_smoothing=0.2"],
+     "train.label_smoothing: 0.2 works with train.loss sigmoid only, not 'hinge'"),
+    ("greedy candidates", None, ["sampling.temperature=0"],
+     "sampling.temperature: 0 samples greedily, so the 4 candidates of an instruction are the same"),
+    ("validation with one epoch", None, ["train.epochs=1"],
+     "train.val_fraction: 0.25 sets pairs aside to pick the best epoch, and train.epochs is 1"),
+    ("validation takes most pairs", None, ["train.val_fraction=0.9"],
+     "train.val_fraction: 0.9 leaves at most 2 of data.per_iteration 16 pairs to train on, fewer than train.batch_size 4"),
+    ("thought words without a thought", None, ["thought.template=direct", "thought.min_words=3"],
+     "thought.min_words: 3 with the direct template (no thought) makes every output a format failure"),
+    ("stop text is the marker", None, ["sampling.stop=['Here is my response:']"],
+     "sampling.stop: 'Here is my response:' holds the thought marker 'Here is my response:'"),
+    ("judge context below its prompt", None, ["judge.n_ctx=300"],
+     "judge.n_ctx: 300 tokens cannot hold the pointwise judge prompt itself (360 tokens before any instruction"),
+    ("judge context below eval's pairwise prompt", None, ["judge.n_ctx=400", "evaluate=true"],
+     "judge.n_ctx: 400 tokens cannot hold the pairwise judge prompt itself (435 tokens"),
+    ("instruction longer than the context", None, ["data.instructions=TMP/long.jsonl"],
+     "data.instructions: line 3 makes a prompt of 4067 tokens, and with sampling.max_new_tokens 64 it does not "
+     "fit the policy's context of 512 tokens"),
+    ("two train sections", "TMP/two_train.yaml", [], "recipe: TMP/two_train.yaml sets 'train' twice in one section (lines 28 and 35)"),
+    ("a key twice", "TMP/twice_k.yaml", [], "sets 'k' twice in one section (lines 19 and 20)"),
+    ("alias bomb", "TMP/bomb.yaml", [], "recipe: TMP/bomb.yaml stands for more than 10000 values"),
+    ("small alias bomb, short line", "TMP/small_bomb.yaml", [], "sampling.k: ['lol', ['lol', 'lol', 'lol', 'lol'], [['lol', 'lol', 'lol',... has the wrong type"),
+    # minitpo deletes only what it wrote (issue 26)
+    ("--fresh on a user's folder", None, ["--out", "TMP/thesis", "--fresh"],
+     "out: 'TMP/thesis' is not a run directory minitpo made (it holds 'data', 'thesis.tex') and --fresh deletes only those"),
+    ("run into a user's folder", None, ["--out", "TMP/thesis"], "out: 'TMP/thesis' holds files minitpo did not write ('data', 'thesis.tex')"),
+    ("--out empty", None, ["--out", "", "--fresh"], "out: '' is empty; give a run directory"),
 ]
 
 
@@ -124,8 +169,10 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch,
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     assert fill(message) in lines[0], lines[0]
+    assert len(lines[0]) < 400, f"{len(lines[0])} characters"  # one short line, whatever the input held
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
     assert (tmp_path / "a_file").read_text() == "x"
+    assert sorted(p.name for p in (tmp_path / "thesis").rglob("*")) == ["data", "table.csv", "thesis.tex"]
 
 
 def test_a_run_directory_of_another_recipe_is_refused_and_kept(tmp_path, monkeypatch, capsys):

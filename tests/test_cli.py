@@ -281,7 +281,8 @@ def test_sigkill_at_many_moments_then_resume_loses_only_the_stage_in_flight(tiny
     final = minitpo("run", "recipes/tiny.yaml", "--out", out, "evaluate=true")
     assert final.returncode == 0, final.stderr[-3000:]
     assert all(_finished_outputs(out).get(p) == s for p, s in before.items())
-    assert "win rate" in final.stdout
+    assert "win rate" in final.stdout and "n 8: too few items for an interval" in final.stdout  # 8 < 10
+    assert "warning: evaluate: data.held_out 8 gives a win rate whose 95% interval is about +-0.35 wide" in final.stderr
 
     # Every file present and valid, no temporary file left, and the same candidates, scores and pairs as
     # the uninterrupted run (every candidate has its own seed, the judge is deterministic).
@@ -321,3 +322,79 @@ def test_ctrl_c_exits_130_even_after_passing_through_pyrun_string(tmp_path):
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         "interrupted; run the same command again to resume from the last finished stage"]
+
+
+# ------------------------------------------------------------------ held-out stays held out (issue 26)
+
+QUICK = ["sampling.k=2", "sampling.max_new_tokens=32", "train.epochs=1", "train.val_fraction=0",
+         "judge.type=python", "judge.function=minitpo.verifiable:score"]
+
+
+def test_held_out_instructions_are_never_sampled_with_repeats_and_a_file_that_grew(tmp_path):
+    """Every instruction listed twice, then lines appended between resumes (one a held-out instruction
+    in other case and spacing): no held-out text ever reaches an iteration's candidates, no text is
+    used by two iterations, and the split the run started with is kept."""
+    lines = (TINY / "instructions.jsonl").read_text().splitlines()
+    data = tmp_path / "instructions.jsonl"
+    data.write_text("\n".join(lines + lines) + "\n")  # each instruction twice
+    out = tmp_path / "run"
+    first = minitpo("run", "recipes/tiny.yaml", "--out", out, f"data.instructions={data}", "iterations=1", *QUICK)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "48 repeated instructions dropped" in first.stderr
+    held_before = (out / "held_out.jsonl").read_text()
+    held = [json.loads(line)["text"] for line in held_before.splitlines()]
+    assert len(held) == 8 == len({" ".join(h.lower().split()) for h in held})
+
+    grown = [json.dumps({"instruction": f"Name {n} things that are blue."}) for n in range(2, 12)]
+    grown.append(json.dumps({"instruction": "  " + held[0].upper() + " "}))  # a held-out one, again
+    data.write_text(data.read_text() + "\n".join(grown) + "\n")
+    second = minitpo("run", "recipes/tiny.yaml", "--out", out, f"data.instructions={data}", "iterations=2", *QUICK)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (out / "held_out.jsonl").read_text() == held_before
+
+    norm = lambda text: " ".join(text.lower().split())  # noqa: E731
+    used = [{norm(c["instruction"]) for c in jsonl(out / f"iter-{t}" / "candidates.jsonl")} for t in (1, 2)]
+    assert len(used[0]) == len(used[1]) == 16
+    assert not used[0] & used[1]
+    assert not {norm(h) for h in held} & (used[0] | used[1])
+    split = json.load(open(out / "split.json"))["iterations"]
+    assert [{norm(i["text"]) for i in s} for s in split] == used
+
+
+def test_a_run_that_trains_on_nothing_says_so_and_the_report_shows_it(tmp_path):
+    out = tmp_path / "run"
+    result = minitpo("run", "recipes/tiny.yaml", "--out", out, "iterations=1", *QUICK, "train.max_length=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.load(open(out / "iter-1" / "summary.json"))
+    pairs = jsonl(out / "iter-1" / "pairs.jsonl")
+    assert pairs and all(p["skipped"] for p in pairs)  # every pair longer than 16 tokens
+    message = f"all {len(pairs)} pairs are longer than train.max_length and were skipped, so nothing was trained"
+    assert summary["warnings"][0].startswith(message) and summary["updates"] == 0
+    assert f"warning: iter 1: {message}" in result.stderr
+    shown = minitpo("report", out)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert f"- iter 1: {message}" in (out / "report.md").read_text()
+
+
+def test_a_setting_fixed_after_a_crash_is_taken_and_the_finished_stages_kept(tmp_path):
+    """Training died (its outputs are gone, as after a crash): a changed train setting is taken on the
+    rerun and only training runs again; a changed judge setting is refused, the judge stage having run."""
+    out = tmp_path / "run"
+    first = minitpo("run", "recipes/tiny.yaml", "--out", out, "iterations=1", *QUICK)
+    assert first.returncode == 0, first.stderr[-3000:]
+    it = out / "iter-1"
+    for name in ("summary.json", "train_summary.json", "train_log.jsonl"):
+        (it / name).unlink()
+    shutil.rmtree(it / "adapter")
+    stamps = {name: os.stat(it / name).st_mtime_ns for name in ("candidates.jsonl", "scores.jsonl", "pairs.jsonl")}
+
+    refused = minitpo("run", "recipes/tiny.yaml", "--out", out, "iterations=1", *QUICK, "judge.rho=0.1")
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+    assert "holds a run of a different recipe (judge.rho differs, and iter-1 ran its judge stage with the old value)" in lines[0]
+
+    fixed = minitpo("run", "recipes/tiny.yaml", "--out", out, "iterations=1", *QUICK, "train.lr=1e-4")
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "recipe: train.lr changed; no iteration has run the stage that reads it" in fixed.stderr
+    assert {name: os.stat(it / name).st_mtime_ns for name in stamps} == stamps
+    assert (it / "summary.json").exists() and "lr: 0.0001" in (out / "recipe.yaml").read_text()

@@ -69,8 +69,10 @@ def test_two_processes_write_what_one_writes(runs):
 
 
 def test_greedy_candidates_do_not_depend_on_the_number_of_processes(tmp_path):
-    minitpo_run(tmp_path / "one", "sampling.temperature=0")
-    minitpo_run(tmp_path / "two", "sampling.temperature=0", processes=2)
+    # Greedy K candidates are the same unless some are forced and some not: a run refuses greedy otherwise.
+    greedy = ["sampling.temperature=0", "sampling.force_marker=true", "sampling.unforced=1"]
+    minitpo_run(tmp_path / "one", *greedy)
+    minitpo_run(tmp_path / "two", *greedy, processes=2)
     assert (tmp_path / "one/iter-1/candidates.jsonl").read_text() == (tmp_path / "two/iter-1/candidates.jsonl").read_text()
 
 

@@ -31,6 +31,28 @@ def test_verdicts_count_ties_as_half():
     assert s["mean_p"] == pytest.approx((0.8 + 0.6 + 0.5 + 0.1) / 4)
 
 
+@pytest.mark.parametrize("ps, flagged", [([0.9], True), ([0.9, 0.1] * 4 + [0.9], True), ([0.9, 0.1] * 5, False)])
+def test_an_interval_over_too_few_items_says_so(ps, flagged):
+    """One win gives "1.000 (95% CI 1.000-1.000)": an interval that means nothing is flagged, by n."""
+    from minitpo.evaluate import ci_text, summary_text
+
+    s = win_rate_summary(ps)
+    assert ci_text(s).endswith(f"n {len(ps)}: too few items for an interval") == flagged
+    r = {"model": "iter-1", "against": "seed", **s, "ties": 0, "parse_rate": {"iter-1": 1.0, "seed": 1.0},
+         "response_chars": {"iter-1": 10, "seed": 10}, "categories": {"poem": {**s}}}
+    text = summary_text(r)
+    assert (f"(95% CI {s['ci_low']:.3f}-{s['ci_high']:.3f}, n {len(ps)}: too few items for an interval)" in text) == flagged
+    assert (f"  poem: {s['win_rate']:.3f} ({s['ci_low']:.3f}-{s['ci_high']:.3f}, n {len(ps)}: too few" in text) == flagged
+
+
+def test_evaluate_with_few_held_out_instructions_warns_with_the_interval_width():
+    from minitpo.evaluate import held_out_warning
+
+    assert held_out_warning(8).startswith("evaluate: data.held_out 8 gives a win rate whose 95% interval is about "
+                                          "+-0.35 wide")  # 1.96 x 0.5 / sqrt(8) = 0.346
+    assert held_out_warning(32) is None
+
+
 def test_all_wins_and_all_losses_collapse_the_interval():
     wins = win_rate_summary([0.7] * 10)
     assert (wins["win_rate"], wins["ci_low"], wins["ci_high"]) == (1.0, 1.0, 1.0)

@@ -70,6 +70,8 @@ def test_user_set_in_trl_format_and_json_through_the_cli(tmp_path):
     assert saved["n"] == 2 and saved["accuracy"] == 0.5  # the longer wins: right once, wrong once
     assert saved["kinds"]["all"]["accuracy"] == 1.0 and saved["kinds"]["math"]["accuracy"] == 0.0
     assert "warning: the judge cannot be told from chance" in result.stdout  # 2 items cannot show more
+    assert "judge-check: chosen preferred 0.500 (95% CI 0.000-1.000, n 2: too few items for an interval)" in result.stdout
+    assert "  math: 0.000 (0.000-0.000, n 1: too few items for an interval)" in result.stdout
 
 
 def test_bad_user_set_names_the_line(tmp_path):
@@ -94,7 +96,8 @@ def test_gguf_judges_report_verdict_mass_and_consistency(mode):
 def test_judge_check_in_a_run_is_saved_and_warns_at_chance(tmp_path):
     out = tmp_path / "run"
     result = minitpo("run", "recipes/tiny.yaml", "--out", out, "iterations=1", "judge.check=true",
-                     "judge.type=python", "judge.function=minitpo.verifiable:score", "train.epochs=1")
+                     "judge.type=python", "judge.function=minitpo.verifiable:score", "train.epochs=1",
+                     "train.val_fraction=0")
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.load(open(out / "judge_check.json"))
     assert saved["n"] == 256 and set(saved["kinds"]) == set(KINDS)

@@ -326,12 +326,12 @@ def test_quantized_gguf_scores_through_the_judge(tmp_path, ftype):
 
 def test_ctrl_c_inside_a_c_callback_is_held_until_the_block_ends():
     # llama.cpp calls Python back while it loads (the log callback); a KeyboardInterrupt raised in a ctypes
-    # callback is dropped. Outside hold_ctrl_c that Ctrl-C is lost; inside, it is raised when the block ends.
+    # callback is dropped. Outside hold_signals that Ctrl-C is lost; inside, it is raised when the block ends.
     import ctypes
     import os
     import signal
 
-    from minitpo.judges.llama import hold_ctrl_c
+    from minitpo.judges.llama import hold_signals
 
     def press_ctrl_c():
         os.kill(os.getpid(), signal.SIGINT)
@@ -341,8 +341,36 @@ def test_ctrl_c_inside_a_c_callback_is_held_until_the_block_ends():
     callback()  # dropped by ctypes: nothing raised here
     reached_end = False
     with pytest.raises(KeyboardInterrupt):
-        with hold_ctrl_c():
+        with hold_signals():
             callback()
             reached_end = True
     assert reached_end
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_inside_a_c_callback_is_held_and_its_own_handler_runs_at_the_end():
+    import ctypes
+    import os
+    import signal
+
+    from minitpo.judges.llama import hold_signals
+
+    class Terminated(BaseException):
+        pass
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    def send_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(1000))
+
+    callback = ctypes.CFUNCTYPE(None)(send_sigterm)
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        with pytest.raises(Terminated):
+            with hold_signals():
+                callback()
+        assert signal.getsignal(signal.SIGTERM) is terminate
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -84,6 +84,7 @@ def test_lock_refuses_a_second_holder_and_clear_keeps_it(tmp_path, fresh):
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "old.txt").write_text("x")
+    rundir.mark(tmp_path / "run")  # minitpo's: clear may delete it
     (tmp_path / "run" / ".candidates.jsonl.abc.tmp").write_text("half")
     with rundir.lock(tmp_path / "run"):
         with pytest.raises(UserError, match=r"is in use by another minitpo run \(pid \d+\)"):
@@ -93,6 +94,96 @@ def test_lock_refuses_a_second_holder_and_clear_keeps_it(tmp_path, fresh):
         if fresh:
             rundir.clear(tmp_path / "run")
         left = sorted(p.name for p in (tmp_path / "run").iterdir())
-        assert left == ([".lock"] if fresh else [".lock", "old.txt"])
+        assert left == ([".lock"] if fresh else [".lock", ".minitpo", "old.txt"])
     with rundir.lock(tmp_path / "run"):  # released on exit
         pass
+
+
+@pytest.mark.parametrize("files", [["thesis.tex"], ["recipe.yaml", "notes.txt"], ["held_out.jsonl"]])
+def test_clear_refuses_a_folder_minitpo_did_not_make(tmp_path, files):
+    """--fresh deletes only a folder with minitpo's marker, or a run from before the marker (recipe.yaml
+    and held_out.jsonl): a folder of anything else is refused in one line and left as it was."""
+    from minitpo.errors import UserError
+
+    for name in files:
+        (tmp_path / name).write_text("mine")
+    with rundir.lock(tmp_path):
+        with pytest.raises(UserError, match="is not a run directory minitpo made"):
+            rundir.clear(tmp_path)
+    assert all((tmp_path / name).read_text() == "mine" for name in files)
+    (tmp_path / "held_out.jsonl").write_text("")  # recipe.yaml + held_out.jsonl: a run from before the marker
+    if (tmp_path / "recipe.yaml").exists():
+        with rundir.lock(tmp_path):
+            rundir.clear(tmp_path)
+        assert [p.name for p in tmp_path.iterdir()] == [".lock"]
+
+
+@pytest.mark.parametrize("pairs, trained, train_summary, expected", [
+    (0, 0, {"updates": 0}, ["no pairs: no instruction had a better and a worse candidate"]),
+    (16, 0, {"updates": 0}, ["all 16 pairs are longer than train.max_length"]),
+    (16, 6, {"n_train_pairs": 6, "n_val_pairs": 0, "updates": 2}, ["10 of 16 pairs are longer than train.max_length"]),
+    (16, 16, {"n_train_pairs": 2, "n_val_pairs": 14, "updates": 1},
+     ["train.val_fraction set 14 of 16 pairs aside to pick an epoch and 2 were trained on"]),
+    (16, 16, {"n_train_pairs": 12, "n_val_pairs": 4, "updates": 3}, []),
+    (16, 8, {"n_train_pairs": 8, "n_val_pairs": 0, "updates": 2}, []),  # half skipped: not "most"
+])
+def test_an_iteration_that_trains_on_little_or_nothing_is_flagged(pairs, trained, train_summary, expected):
+    from minitpo.summary import training_warnings
+
+    found = training_warnings(pairs, trained, train_summary)
+    assert len(found) == len(expected) and all(f.startswith(e) for f, e in zip(found, expected)), found
+
+
+def test_the_report_lists_the_warnings_of_each_iteration(tmp_path):
+    candidates, scores, pairs, logs, train, stats, times = _iteration()
+    skipped = [{**p, "skipped": True} for p in pairs]
+    write_summary(tmp_path, 1, summarize(1, candidates, scores, skipped, [], {"updates": 0}, stats, times, marker=MARKER))
+    text = report.write_report(tmp_path).read_text()
+    assert "## Warnings" in text and "- iter 1: all 2 pairs are longer than train.max_length" in text
+
+
+RESOLVED = {"policy": {"model": "m"}, "data": {"instructions": "i.jsonl"}, "judge": {"n_ctx": 64, "rho": 0.0},
+            "sampling": {"k": 4}, "train": {"lr": 1e-4, "max_length": 256, "loss": "ipo"}, "iterations": 2}
+
+
+@pytest.mark.parametrize("done, change, refused", [
+    ([], ("judge", "n_ctx", 512), None),  # nothing ran yet: any fixed setting is taken
+    (["candidates.jsonl"], ("judge", "n_ctx", 512), None),  # the judge died after sampling: fix it, keep the samples
+    (["candidates.jsonl", "scores.jsonl", "pairs.jsonl"], ("train", "loss", "sigmoid"), None),  # died in training
+    (["candidates.jsonl", "scores.jsonl"], ("train", "max_length", 512), None),
+    (["candidates.jsonl", "scores.jsonl", "pairs.jsonl"], ("train", "max_length", 512), "iter-1 ran its pair stage"),
+    (["candidates.jsonl", "scores.jsonl"], ("judge", "rho", 0.2), "iter-1 ran its judge stage"),
+    (["candidates.jsonl"], ("sampling", "k", 8), "iter-1 ran its sample stage"),
+    ([], ("policy", "model", "other"), "the policy and the data define a run"),
+    ([], ("data", "instructions", "other.jsonl"), "the policy and the data define a run"),
+    (["candidates.jsonl", "scores.jsonl", "pairs.jsonl", "train_summary.json"], ("iterations", None, 4), None),
+])
+def test_a_resumed_run_takes_a_setting_whose_stage_has_not_run(tmp_path, done, change, refused):
+    import copy
+
+    from minitpo.errors import UserError
+
+    assert rundir.claim(tmp_path, RESOLVED) == []
+    (tmp_path / "iter-1").mkdir()
+    for name in done + ["judge_cache.jsonl"]:
+        (tmp_path / "iter-1" / name).write_text("{}\n")
+    section, key, value = change
+    changed = copy.deepcopy(RESOLVED)
+    if key:
+        changed[section][key] = value
+    else:
+        changed[section] = value
+    before = (tmp_path / "recipe.yaml").read_text()
+    if refused:
+        with pytest.raises(UserError, match=f"holds a run of a different recipe \\({section}.{key} differs, and {refused}"):
+            rundir.claim(tmp_path, changed)
+        assert (tmp_path / "recipe.yaml").read_text() == before and (tmp_path / "iter-1" / "judge_cache.jsonl").exists()
+        return
+    taken = rundir.claim(tmp_path, changed)
+    assert taken == ([f"{section}.{key}"] if key and section != "iterations" else [])
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "recipe.yaml").read_text()) == changed
+    # a changed judge drops the old judge's unfinished judgements; nothing else is touched
+    assert (tmp_path / "iter-1" / "judge_cache.jsonl").exists() == (section != "judge")
+    assert all((tmp_path / "iter-1" / name).exists() for name in done)

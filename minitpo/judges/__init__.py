@@ -20,6 +20,7 @@ for the judge a recipe names.
 from pathlib import Path
 
 from minitpo import io
+from minitpo.judges.python import PartialScores
 from minitpo.pairs import by_instruction
 
 CHUNK = 256  # judgements between cache writes: a kill loses at most this much judge work
@@ -33,9 +34,15 @@ def score_candidates(cfg, parsed, cache_path: Path, progress: bool = True) -> tu
     scorer = pointwise_scorer(cfg)
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start:start + CHUNK]
-        results = scorer(cfg, [i for i, _ in chunk], [r for _, r in chunk], progress=progress)
+        failed = None
+        try:
+            results = scorer(cfg, [i for i, _ in chunk], [r for _, r in chunk], progress=progress)
+        except PartialScores as e:  # a python judge raised: keep what it judged before, then stop
+            results, failed = e.results, e.__cause__
         cache.update({(i, r): {"instruction": i, "response": r, **res} for (i, r), res in zip(chunk, results)})
         io.write_jsonl(cache_path, list(cache.values()))
+        if failed is not None:
+            raise failed
     rows = [cache[(c.instruction, c.response)] for c in parsed]
     # score_mass: the probability the GGUF judge put on any valid verdict token. The score is renormalised
     # over those tokens, so a judge that ignores the format still gives numbers: this number shows it.

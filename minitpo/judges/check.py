@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minitpo.errors import UserError
-from minitpo.evaluate import bootstrap_interval
+from minitpo.evaluate import MIN_CI_ITEMS, bootstrap_interval, ci_text
 from minitpo.judges import pointwise_scorer, preference, verdict
 
 SANITY_SET = Path(__file__).with_name("sanity.jsonl")
@@ -136,10 +136,10 @@ def at_chance(result: dict) -> bool:
 
 
 def summary_text(result: dict) -> str:
-    lines = [f"judge-check: chosen preferred {result['accuracy']:.3f} (95% CI {result['ci_low']:.3f}-"
-             f"{result['ci_high']:.3f}) over {result['n']} items, {result['responses_per_s']:.1f} responses/s"]
+    lines = [f"judge-check: chosen preferred {result['accuracy']:.3f} ({ci_text(result)}) over {result['n']} items, "
+             f"{result['responses_per_s']:.1f} responses/s"]
     for kind, r in result["kinds"].items():
-        lines.append(f"  {kind}: {r['accuracy']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f}), n {r['n']}")
+        lines.append(f"  {kind}: {r['accuracy']:.3f} ({ci_text(r, '')})" + (f", n {r['n']}" if r["n"] >= MIN_CI_ITEMS else ""))
     for key in ("verdict_mass", "position_consistency"):
         if result.get(key) is not None:
             lines.append(f"  {key.replace('_', ' ')}: {result[key]:.3f}")

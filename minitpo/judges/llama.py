@@ -148,7 +148,7 @@ def open_llama_judge(cfg):
     from llama_cpp import Llama  # optional dependency: only the llama_cpp judge needs it
 
     try:
-        with quiet_stderr(), hold_ctrl_c(), no_weight_repacking():
+        with quiet_stderr(), hold_signals(), no_weight_repacking():
             # n_batch <= 512 is a multiple of KEEP_ALIGN, or it is n_ctx and holds any prompt in one batch
             llm = Llama(model_path=str(path), n_ctx=cfg.n_ctx, n_batch=min(512, cfg.n_ctx or 512),
                         n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads, logits_all=False,
@@ -166,6 +166,32 @@ def open_llama_judge(cfg):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # not glibc
             pass
+
+
+def check_prompt_fits(cfg, pairwise: bool) -> None:
+    """At load, before any model: the judge's own prompt, with every text empty, must leave room in
+    judge.n_ctx (the pointwise prompt, and the pairwise one that `pairwise` runs and `eval` use). Only the
+    GGUF's tokenizer loads (vocab_only), not its weights."""
+    from llama_cpp import Llama
+    from minitpo.judges.pairwise import pairwise_prompt_parts  # pairwise imports this module
+
+    try:
+        with quiet_stderr():
+            llm = Llama(model_path=str(cfg.model), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError):
+        return  # not knowable here: loading the judge names what is wrong with the file
+    try:
+        turn = model_chat_turn(llm)
+        prompts = [("pairwise", pairwise_prompt_parts("", "", "", turn))] if pairwise else []
+        if cfg.mode == "pointwise":
+            prompts.append(("pointwise", judge_prompt_parts(load_prompt_template(cfg.prompt), "", "", turn)))
+        for mode, parts in prompts:
+            n = len(tokenize_prompt(llm, parts))
+            if n >= cfg.n_ctx:
+                raise UserError(f"judge.n_ctx: {cfg.n_ctx} tokens cannot hold the {mode} judge prompt itself "
+                                f"({n} tokens before any instruction or response); raise judge.n_ctx")
+    finally:
+        llm.close()
 
 
 def _own_gpu() -> dict:
@@ -209,23 +235,27 @@ def no_weight_repacking():
 
 
 @contextmanager
-def hold_ctrl_c():
-    """Hold a Ctrl-C that arrives inside the block and raise it when the block ends. llama.cpp calls
-    back into Python while it loads a model (llama-cpp-python's log callback, once per log line), and a
-    KeyboardInterrupt raised inside a ctypes callback is printed and dropped: the run would go on as if
-    Ctrl-C had not been pressed. Loading takes seconds, so holding it costs no more than that."""
-    if (threading.current_thread() is not threading.main_thread()  # handlers belong to the main thread
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # ignored, or someone's own
+def hold_signals():
+    """Hold a Ctrl-C or SIGTERM that arrives inside the block and deliver it when the block ends.
+    llama.cpp calls back into Python while it loads a model (llama-cpp-python's log callback, once per
+    log line), and an exception raised inside a ctypes callback is printed and dropped: the run would go
+    on as if Ctrl-C had not been pressed. Loading takes seconds, so holding costs no more than that.
+    Only signals with a Python handler are held (Python's KeyboardInterrupt, the CLI's SIGTERM); an
+    ignored or default one is left as it is."""
+    if threading.current_thread() is not threading.main_thread():  # handlers belong to the main thread
         yield
         return
-    pressed = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    held, previous = [], {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if callable(signal.getsignal(sig)):
+            previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if pressed:
-            raise KeyboardInterrupt
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            previous[held[0]](held[0], None)  # the handler the block displaced raises its exception now
 
 
 @contextmanager

@@ -44,6 +44,14 @@ def load_python_judge(function: str):
     return f
 
 
+class PartialScores(Exception):
+    """The user's function raised (the cause): `results` holds the scores it gave before, for the cache."""
+
+    def __init__(self, results: list[dict]):
+        super().__init__(f"the judge function raised after {len(results)} responses")
+        self.results = results
+
+
 def score_responses(cfg, instructions: list[str], responses: list[str], progress: bool = True) -> list[dict]:
     """One dict(score, score_mass=None) per (instruction, response)."""
     assert len(instructions) == len(responses), f"{len(instructions)} instructions, {len(responses)} responses"
@@ -51,7 +59,11 @@ def score_responses(cfg, instructions: list[str], responses: list[str], progress
     results = []
     bar = tqdm(total=len(responses), desc="judge", unit="resp", disable=not progress or not responses)
     for instruction, response in zip(instructions, responses):
-        value = f(instruction, response)
+        try:
+            value = f(instruction, response)
+        except Exception as e:  # the user's code failed: the scores made so far go to the judge cache
+            bar.close()
+            raise PartialScores(results) from e
         ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
         if not ok:
             raise UserError(f"judge.function: {cfg.function} returned {value!r}; it must return a finite "
