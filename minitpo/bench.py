@@ -88,10 +88,13 @@ def bench(run_dir: str | Path, models: list[str], suite: str, limit: int | None 
 
 def subset(prompts: list[dict], limit: int | None) -> list[dict]:
     """The first `limit` prompts of one seeded shuffle, back in the suite's order (a suite's file is
-    sorted by source: its first N would all be one category); all of them without a limit."""
+    sorted by source: its first N would all be one category); all of them without a limit. Subsets are
+    nested: --limit 100 holds --limit 10's prompts, so their cached answers are reused."""
     if limit is None or limit >= len(prompts):
         return prompts
-    keep = set(random.Random(SUBSET_SEED).sample(range(len(prompts)), limit))
+    order = list(range(len(prompts)))
+    random.Random(SUBSET_SEED).shuffle(order)
+    keep = set(order[:limit])
     return [p for i, p in enumerate(prompts) if i in keep]
 
 

