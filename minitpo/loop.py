@@ -31,7 +31,7 @@ import click
 import torch
 import yaml
 
-from minitpo import dist, engine, io, rundir
+from minitpo import dist, engine, io, rundir, suites
 from minitpo.config import Recipe
 from minitpo.recipe import recipe_to_dict
 from minitpo.data import Instruction, load_instructions, split_instructions
@@ -66,6 +66,9 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
                 io.write_text(out / "judge_prompt.txt", load_prompt_template(recipe.judge.prompt))  # what the judge saw
             if not (out / "held_out.jsonl").exists():
                 io.write_jsonl(out / "held_out.jsonl", [dataclasses.asdict(i) for i in held_out])
+            overlap = suites.benchmark_overlap(ins.text for part in slices for ins in part)
+            if overlap:  # a benchmark prompt must never be trained on: its bench score would be meaningless
+                click.echo(suites.overlap_warning(overlap), err=True)
             if recipe.judge.check:  # is the judge worth the hours? once per run directory, before sampling
                 _judge_check(out, recipe)
         dist.on_main(setup)  # rank 0 alone holds the lock and writes; a refusal stops every rank

@@ -256,9 +256,26 @@ def _markdown(run_dir: Path, rows: list[dict], figures: list[tuple[str, str]], n
               "DPO numbers are means over the last epoch's updates. `-` marks a value the run did not record.", ""]
     for heading, name in figures:
         lines += [f"## {heading}", "", f"![{heading}](report/{name})", ""]
+    lines += _bench_tables(run_dir, notes)
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def _bench_tables(run_dir: Path, notes: list[str]) -> list[str]:
+    """`minitpo bench`'s tables, one per suite in RUN_DIR/bench/SUITE.json."""
+    from minitpo.bench import table
+
+    lines = []
+    for path in sorted((run_dir / "bench").glob("*.json")):
+        try:
+            lines += [f"## Benchmark: {path.stem}", "", table(io.read_json(path)), ""]
+        except (OSError, ValueError, KeyError, TypeError):
+            notes.append(f"skipped bench/{path.name}: not a `minitpo bench` result")
+    if lines:
+        lines += ["Benchmarks: `minitpo bench` (RUN_DIR/bench/); win rates are against the suite's baseline "
+                  "answers, judged by the judge named in bench/SUITE.json.", ""]
+    return lines
 
 
 def _recipe_line(path: Path) -> str:

@@ -111,13 +111,22 @@ def _read_arena_hard(path: Path) -> list[dict]:
 _READERS = {"ifeval": _read_ifeval, "alpaca_eval": _read_alpaca_eval, "arena_hard": _read_arena_hard}
 
 
-def benchmark_prompts() -> set[str]:
-    """Every prompt of every suite found here (stripped), for the training-data check; empty when none is
-    installed. A benchmark prompt must never be trained on."""
-    found = set()
+def benchmark_overlap(texts) -> dict[str, int]:
+    """How many of `texts` (training instructions) are prompts of each suite found here (compared
+    stripped); suites not installed are not checked. A benchmark prompt must never be trained on."""
+    texts = {t.strip() for t in texts}
+    found = {}
     for suite in SUITES:
         try:
-            found |= {r["prompt"].strip() for r in load_suite(suite)}
+            prompts = {r["prompt"].strip() for r in load_suite(suite)}
         except UserError:
             continue
+        if texts & prompts:
+            found[suite] = len(texts & prompts)
     return found
+
+
+def overlap_warning(found: dict[str, int]) -> str:
+    counts = ", ".join(f"{suite} {n}" for suite, n in found.items())
+    return (f"warning: {sum(found.values())} training instructions are benchmark prompts ({counts}); `minitpo bench` "
+            "on those suites would score training data: remove them from data.instructions")
