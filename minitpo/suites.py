@@ -102,7 +102,7 @@ def _read_arena_hard(path: Path) -> list[dict]:
     rows = []
     for q in questions:
         model = ARENA_BASELINES.get(q["category"], ARENA_BASELINES["hard_prompt"])
-        if (model, q["uid"]) in answers:  # v2.0 lacks two creative-writing baselines: those are skipped
+        if (model, q["uid"]) in answers:  # a question without its baseline answer cannot be judged: skipped
             rows.append({"key": q["uid"], "prompt": q["prompt"], "category": q.get("subcategory") or q["category"],
                          "baseline": answers[(model, q["uid"])], "baseline_generator": model})
     return rows
