@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import click
 from tqdm import tqdm
 
 from minitpo import ifeval, io, rundir, suites
@@ -58,6 +59,11 @@ def bench(run_dir: str | Path, models: list[str], suite: str, limit: int | None 
     prompts = subset(suites.load_suite(suite, data), limit)
     if suite == "ifeval":
         ifeval.checkers()  # a missing checker is one line now, before any model loads
+    for label, ref_dir, name, _ in refs:
+        trained = _trained_on(ref_dir, name) & {p["prompt"].strip() for p in prompts}
+        if trained:  # the run-time warning was missed or ignored: these scores measure training data
+            click.echo(f"warning: {label} was trained on {len(trained)} of these {suite} prompts; its score on "
+                       "them is not a held-out benchmark", err=True)
     folder = run_dir / "bench" / suite
     results = {}
     for label, ref_dir, name, ref_recipe in refs:
@@ -82,10 +88,10 @@ def bench(run_dir: str | Path, models: list[str], suite: str, limit: int | None 
                               [{"instruction": p["prompt"], "output": a["response"], "generator": label}
                                for p, a in zip(prompts, answers)])
         results[label]["seconds"] = round(time.perf_counter() - started, 1)  # this call's, cached work excluded
-    summary_path = run_dir / "bench" / f"{suite}.json"
-    saved = io.read_json(summary_path) if summary_path.is_file() else {"suite": suite, "models": {}}
-    saved["models"].update(results)
-    io.write_json(summary_path, saved)
+        summary_path = run_dir / "bench" / f"{suite}.json"  # after each model: a kill keeps the models done
+        saved = io.read_json(summary_path) if summary_path.is_file() else {"suite": suite, "models": {}}
+        saved["models"][label] = results[label]
+        io.write_json(summary_path, saved)
     return {"suite": suite, "n": len(prompts), "limit": limit, "models": results}
 
 
@@ -136,6 +142,13 @@ def answer(recipe, run_dir: Path, name: str, prompts: list[dict], cache: Path, l
             del policy
             gc.collect()
     return [done[json.dumps(p["key"])] for p in prompts]
+
+
+def _trained_on(run_dir: Path, name: str) -> set[str]:
+    """The instructions model `name` of run_dir was trained on: those of iterations 1..N (stripped)."""
+    last = rundir.iteration_number(name) or 0
+    return {r["instruction"].strip() for t in range(1, last + 1)
+            for r in io.read_jsonl(rundir.iteration_dir(run_dir, t) / "candidates.jsonl", missing_ok=True)}
 
 
 def _parse_rate(answers: list[dict]) -> float:

@@ -216,3 +216,16 @@ def test_a_copy_in_the_hugging_face_cache_comes_first(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                             env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
     assert result.stdout.split() == [str(snapshot / "ifeval_input_data.jsonl"), "1"], result.stderr[-2000:]
+
+
+@needs_bench
+def test_bench_warns_when_a_model_trained_on_the_suites_prompts(tiny_run, tmp_path):
+    run, _ = tiny_run
+    trained = suites.load_suite("ifeval")[0]  # the tiny run trained on this prompt
+    io.write_jsonl(tmp_path / "ifeval.jsonl", [trained])
+    result = minitpo("bench", run, "--suite", "ifeval", "--data", tmp_path / "ifeval.jsonl", "--model", "seed",
+                     "--model", "iter-1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: iter-1 was trained on 1 of these ifeval prompts; its score on them is not a "
+                        "held-out benchmark"]  # the seed was trained on nothing
