@@ -96,15 +96,15 @@ def bench(run_dir: str | Path, models: list[str], suite: str, limit: int | None 
 
 
 def subset(prompts: list[dict], limit: int | None) -> list[dict]:
-    """The first `limit` prompts of one seeded shuffle, back in the suite's order (a suite's file is
-    sorted by source: its first N would all be one category); all of them without a limit. Subsets are
-    nested: --limit 100 holds --limit 10's prompts, so their cached answers are reused."""
+    """The first `limit` prompts of one seeded shuffle, in that order (a suite's file is sorted by
+    source: its first N would all be one category); all of them, in the suite's order, without a limit.
+    Subsets are nested (--limit 100 holds --limit 10's prompts, whose cached answers it reuses) and are
+    answered in this order, so a bench killed after k answers holds --limit k whole."""
     if limit is None or limit >= len(prompts):
         return prompts
     order = list(range(len(prompts)))
     random.Random(SUBSET_SEED).shuffle(order)
-    keep = set(order[:limit])
-    return [p for i, p in enumerate(prompts) if i in keep]
+    return [prompts[i] for i in order[:limit]]
 
 
 # ---------------------------------------------------------------- answers (one model at a time)
