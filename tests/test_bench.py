@@ -229,3 +229,13 @@ def test_bench_warns_when_a_model_trained_on_the_suites_prompts(tiny_run, tmp_pa
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: iter-1 was trained on 1 of these ifeval prompts; its score on them is not a "
                         "held-out benchmark"]  # the seed was trained on nothing
+
+
+def test_limit_subsets_are_nested_and_spread_over_the_suite():
+    from minitpo.bench import subset
+
+    prompts = [{"key": i, "category": "ab"[i >= 50]} for i in range(100)]  # sorted by category, as AlpacaEval is
+    ten, twenty = subset(prompts, 10), subset(prompts, 20)
+    assert twenty[:10] == ten and len({p["key"] for p in twenty}) == 20  # a prefix: cached answers carry over
+    assert {p["category"] for p in ten} == {"a", "b"}  # not the file's first ten
+    assert subset(prompts, None) == prompts and subset(prompts, 500) == prompts
