@@ -102,6 +102,48 @@ def eval_(run_dir, model, against, samples):
 
 
 @cli.command()
+@click.argument("args", nargs=-1)
+@click.option("--suite", required=True, type=click.Choice(["ifeval", "alpaca_eval", "arena_hard"]),
+              help="ifeval: Google's checkers; alpaca_eval, arena_hard: the run's judge against the suite's baseline.")
+@click.option("--model", "models", multiple=True,
+              help="seed, iter-N or OTHER_RUN/iter-N; repeat for several (default: seed and the last iteration).")
+@click.option("--limit", type=click.IntRange(min=1), help="Bench a fixed seeded subset of N prompts.")
+@click.option("--responses", type=click.Path(dir_okay=False),
+              help="ifeval without a run: score this JSONL of key (or prompt) and response.")
+@click.option("--data", type=click.Path(), help="The suite's data in its own format, instead of the installed copy.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the result here.")
+def bench(args, suite, models, limit, responses, data, json_path):
+    """Bench the models of a run on AlpacaEval, Arena-Hard or IFEval, offline.
+
+    ARGS: RUN_DIR, then judge.* overrides (judge.model=big.gguf) to bench with another judge. Each model
+    answers with its own run's template and sampling, its thought hidden. Answers and judgements are
+    cached in RUN_DIR/bench/SUITE/ (a killed bench continues); RUN_DIR/bench/SUITE.json keeps the table.
+    With --responses FILE.jsonl and no RUN_DIR, scores given IFEval responses without a model."""
+    from minitpo import io
+    from minitpo.bench import bench as run_bench, bench_responses, categories_text, table
+
+    run_dir, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (None, args)
+    if responses:
+        if run_dir or models or overrides:
+            raise UserError("bench: --responses scores a file without a model; drop RUN_DIR, --model and overrides")
+        result = bench_responses(suite, responses, data)
+        s = result["summary"]
+        click.echo(f"ifeval, {s['n']} prompts: prompt strict {s['prompt_strict']:.3f}, loose {s['prompt_loose']:.3f}; "
+                   f"instruction strict {s['instruction_strict']:.3f}, loose {s['instruction_loose']:.3f}")
+    else:
+        if run_dir is None:
+            raise UserError("bench: give RUN_DIR (a run directory) or --responses FILE.jsonl (ifeval)")
+        result = run_bench(run_dir, list(models), suite, limit, list(overrides), data)
+        click.echo(f"{suite}, {result['n']} prompts" + (" (the baseline: the suite's reference answers)"
+                                                          if suite != "ifeval" else ""))
+        click.echo(table(result))
+        if suite != "ifeval":
+            click.echo(categories_text(result))
+    if json_path:
+        io.write_json(json_path, result)
+
+
+@cli.command()
 @click.argument("path", type=click.Path())
 @click.option("--prompt", help="One message to answer; without it, read messages from stdin, one per line.")
 @click.option("--show-thought", is_flag=True, help="Print the thought before the response.")

@@ -31,7 +31,7 @@ from pathlib import Path
 import click
 import torch
 
-from minitpo import dist, engine, io, rundir
+from minitpo import dist, engine, io, rundir, suites
 from minitpo.config import Recipe
 from minitpo.recipe import recipe_to_dict
 from minitpo.evaluate import held_out_warning
@@ -76,6 +76,9 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
                 io.write_text(out / "judge_prompt.txt", load_prompt_template(recipe.judge.prompt))  # what the judge saw
             if kept is None or len(slices) > len(kept[1]) or not (out / rundir.SPLIT).exists():
                 rundir.write_split(out, held_out, slices)  # fixed before the first instruction is sampled
+            overlap = suites.benchmark_overlap(ins.text for part in slices for ins in part)
+            if overlap:  # a benchmark prompt must never be trained on: its bench score would be meaningless
+                click.echo(suites.overlap_warning(overlap), err=True)
             if recipe.judge.check:  # is the judge worth the hours? once per run directory, before sampling
                 _judge_check(out, recipe)
             if recipe.evaluate and (warning := held_out_warning(recipe.data.held_out)):  # before the hours, too

@@ -258,9 +258,26 @@ def _markdown(run_dir: Path, rows: list[dict], figures: list[tuple[str, str]], n
     warnings = [f"iter {r['iteration']}: {w}" for r in rows for w in r.get("warnings") or []]
     if warnings:  # an iteration that trained on nothing, or on few of its pairs
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+    lines += _bench_tables(run_dir, notes)
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def _bench_tables(run_dir: Path, notes: list[str]) -> list[str]:
+    """`minitpo bench`'s tables, one per suite in RUN_DIR/bench/SUITE.json."""
+    from minitpo.bench import table
+
+    lines = []
+    for path in sorted((run_dir / "bench").glob("*.json")):
+        try:
+            lines += [f"## Benchmark: {path.stem}", "", table(io.read_json(path)), ""]
+        except (OSError, ValueError, KeyError, TypeError):
+            notes.append(f"skipped bench/{path.name}: not a `minitpo bench` result")
+    if lines:
+        lines += ["Benchmarks: `minitpo bench` (RUN_DIR/bench/); win rates are against the suite's baseline "
+                  "answers, judged by the judge named in bench/SUITE.json.", ""]
+    return lines
 
 
 def _recipe_line(path: Path) -> str:
