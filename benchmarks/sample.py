@@ -96,8 +96,9 @@ def main():
     ap.add_argument("--graphs-only", action="store_true", help="engine with CUDA graphs but without torch.compile")
     ap.add_argument("--skip-generate", action="store_true", help="time only the engine")
     ap.add_argument("--bound", action="store_true",
-                    help="also time the decode step's matmuls alone (float32, and bf16 where the CPU has it) and "
-                         "print the engine's share of that bound")
+                    help="also time the engine's decode step (the run less a one-token run: prefill and first "
+                         "token) and the step's matmuls alone (float32, and bf16 where the CPU has it), and print "
+                         "the step's share of that bound")
     ap.add_argument("--policy", help="a real model instead of --shape (a policy.model value), full precision")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="with --policy: the model's dtype, which the engine's sampling copy takes on CPU")
@@ -153,13 +154,21 @@ def main():
     if device.type == "cuda":
         print(f"allocated after release(): {gib(torch.cuda.memory_allocated())} (the policy itself)")
     if args.bound:
-        engine_tok_s = n_tokens / rows[-1][1]
+        # the engine's decode step alone: the same call with one new token is the prefill and one step
+        def one_token():
+            generate_tokens(model, prompts.tolist(), max_new_tokens=1, temperature=0.8, top_p=0.95, eos_token_ids=[],
+                            pad_token_id=0, batch_size=args.batch, seeds=list(range(len(prompts))),
+                            cuda_graphs=not args.no_compile, compile=not (args.no_compile or args.graphs_only))
+        first_s, _ = timed(one_token, device)
+        release()
+        step_s = (rows[-1][1] - first_s) / (args.new_tokens - 1)
+        print(f"engine: prefill + first token {first_s:.2f} s; decode {step_s * 1e3:.1f} ms/step, "
+              f"{args.batch / step_s:.0f} tok/s")
         dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" or cpu_has_native_bf16() else [])
         for dtype in dtypes:
-            step_s = matmul_step_seconds(model, args.batch, dtype, device)
-            bound = args.batch / step_s
-            print(f"matmul bound {str(dtype).removeprefix('torch.'):<9} {step_s * 1e3:8.1f} ms/step {bound:8.0f} tok/s"
-                  f"   engine at {engine_tok_s / bound:.2f} of it")
+            bound_s = matmul_step_seconds(model, args.batch, dtype, device)
+            print(f"matmul bound {str(dtype).removeprefix('torch.'):<9} {bound_s * 1e3:8.1f} ms/step "
+                  f"{args.batch / bound_s:8.0f} tok/s   engine's decode at {bound_s / step_s:.2f} of it")
 
 
 def matmul_step_seconds(model, batch, dtype, device, reps=5):

@@ -356,3 +356,21 @@ def test_decode_reads_only_the_filled_columns(monkeypatch):
         release()
     assert {w for w, _ in widths} >= {16, 32} and all(w <= n for w, n in widths)
     assert any(w < n for w, n in widths)
+
+
+def test_sample_next_cascade_takes_the_next_size_before_the_full_sort():
+    """candidates=(4, 16): a peaked row (nucleus within 4), a middling one (within 16, not 4) and a flat
+    one (wider than 16): each draws exactly from HF's nucleus with HF's probabilities."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(1, 64, generator=gen)
+    rows = [base * 4.0, base * 2.0, base * 0.05]
+    sizes = [int((hf_probs(r, 0.8, 0.9) > 0).sum()) for r in rows]
+    assert sizes[0] <= 4 < sizes[1] <= 16 < sizes[2], sizes  # each level of the cascade is exercised
+    n = 20_000
+    toks = sample_next(torch.cat(rows).repeat_interleave(n, 0), 0.8, 0.9, torch.rand(3 * n, generator=gen),
+                       candidates=(4, 16))
+    for i, row in enumerate(rows):
+        probs = hf_probs(row, 0.8, 0.9)
+        counts = torch.bincount(toks[i * n:(i + 1) * n], minlength=64)
+        assert counts[probs == 0].sum() == 0, "tokens outside the nucleus must never be drawn"
+        assert chi2_ok(counts, probs)
