@@ -34,7 +34,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
 
 from minitpo.device import cpu_has_native_bf16
-from minitpo.engine import generate_tokens, release
+from minitpo.engine import generate_tokens, release, sample_next
 from minitpo.model import hf_model
 
 SHAPES = {
@@ -95,6 +95,9 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="engine without torch.compile and CUDA graphs (eager)")
     ap.add_argument("--graphs-only", action="store_true", help="engine with CUDA graphs but without torch.compile")
     ap.add_argument("--skip-generate", action="store_true", help="time only the engine")
+    ap.add_argument("--nucleus", default=None, metavar="N[,N2]",
+                    help="CPU: the top-k sizes tried for the top-p nucleus before the full sort "
+                         "(engine.NUCLEUS_CANDIDATES for this run; e.g. 1024,8192)")
     ap.add_argument("--bound", action="store_true",
                     help="also time the engine's decode step (the run less a one-token run: prefill and first "
                          "token) and the step's matmuls alone (float32, and bf16 where the CPU has it), and print "
@@ -103,6 +106,8 @@ def main():
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="with --policy: the model's dtype, which the engine's sampling copy takes on CPU")
     args = ap.parse_args()
+    if args.nucleus:  # the default argument of the engine's draw, for this process only
+        sample_next.__defaults__ = (tuple(int(n) for n in args.nucleus.split(",")),)
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     quant = args.quant if args.quant != "auto" else "nf4" if device.type == "cuda" else "none"
 

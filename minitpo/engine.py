@@ -130,7 +130,12 @@ class _Engine:
     prefill_rows: int = 0  # prompts prefilled so far: copies of a prompt in one refill count once
 
 
-NUCLEUS_CANDIDATES = (1024, 8192)  # CPU: the top-p nucleus is looked for among this many likeliest tokens, then this many
+# CPU: the top-p nucleus is looked for among this many likeliest tokens first, then the full sort. A second
+# level, (1024, 8192), takes SmolLM2's decode step at batch 128 on random prompts from 641 to 539 ms
+# (benchmarks/RESULTS.md), but on a row too wide for 1024 it draws another token from the same seed than
+# the sort does (same distribution, other order), which changes the demo's seeded numbers: it waits for
+# the demo's five draws to be measured again with it.
+NUCLEUS_CANDIDATES = (1024,)
 
 
 def sample_next(logits, temperature, top_p, u, candidates=NUCLEUS_CANDIDATES):
@@ -143,8 +148,9 @@ def sample_next(logits, temperature, top_p, u, candidates=NUCLEUS_CANDIDATES):
     draw, a third of SmolLM2's decode step), so the nucleus is first looked for among the top
     `candidates[0]` tokens (topk, 21 ms): when their mass, under the full softmax, reaches top_p, no
     token below them can be in the nucleus, and the kept set and its probabilities are the full sort's.
-    Rows whose nucleus is wider try the next size (a flat distribution's nucleus runs to thousands of
-    tokens: topk 8192 of 100 rows, 48 ms, against 199 ms for their sort), and the rest the full sort.
+    Rows whose nucleus is wider try the next size if there is one (a flat distribution's nucleus runs
+    to thousands of tokens: topk 8192 of 100 rows, 48 ms, against 199 ms for their sort), the rest
+    the full sort.
     On CUDA the sort is cheap and the step runs in a CUDA graph, where a data-dependent fallback
     cannot, so it always sorts."""
     if temperature == 0:
