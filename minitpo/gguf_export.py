@@ -365,9 +365,9 @@ def check_tokenizer(path: Path, tokenizer) -> None:
     read different tokens from the ones it was trained on."""
     from llama_cpp import Llama
 
-    from minitpo.judges.llama import hold_signals, quiet_stderr
+    from minitpo.judges.llama import quiet_stderr
 
-    with quiet_stderr(), hold_signals():
+    with quiet_stderr():
         llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
     try:
         got = llm.tokenize(PROBE.encode(), add_bos=False, special=False)

@@ -374,3 +374,19 @@ def test_sigterm_inside_a_c_callback_is_held_and_its_own_handler_runs_at_the_end
         assert signal.getsignal(signal.SIGTERM) is terminate
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_quiet_stderr_around_a_llama_cpp_load_holds_ctrl_c_too():
+    # Every llama.cpp load runs inside quiet_stderr (its log callback is where Ctrl-C would be dropped).
+    import ctypes
+    import os
+    import signal
+
+    def press_ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(1000))
+
+    callback = ctypes.CFUNCTYPE(None)(press_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        with judge.quiet_stderr():
+            callback()

@@ -148,7 +148,7 @@ def open_llama_judge(cfg):
     from llama_cpp import Llama  # optional dependency: only the llama_cpp judge needs it
 
     try:
-        with quiet_stderr(), hold_signals(), no_weight_repacking():
+        with quiet_stderr(), no_weight_repacking():
             # n_batch <= 512 is a multiple of KEEP_ALIGN, or it is n_ctx and holds any prompt in one batch
             llm = Llama(model_path=str(path), n_ctx=cfg.n_ctx, n_batch=min(512, cfg.n_ctx or 512),
                         n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads, logits_all=False,
@@ -262,13 +262,15 @@ def hold_signals():
 def quiet_stderr():
     """fd 2 to /dev/null, and sys.stderr too: verbose=False is not enough, llama-cpp-python 0.3.36 maps
     ggml's WARN level to logging.ERROR, so context-creation warnings (gemma-3: "using full-size SWA
-    cache") still print, from C (fd 2) or through its Python log callback (sys.stderr)."""
+    cache") still print, from C (fd 2) or through its Python log callback (sys.stderr). The same callback
+    would drop a Ctrl-C, so signals are held for the block too (hold_signals): every llama.cpp load that
+    quiets its logs is also safe to interrupt."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
-        with redirect_stderr(io.StringIO()):
+        with redirect_stderr(io.StringIO()), hold_signals():
             yield
     finally:
         os.dup2(saved, 2)
