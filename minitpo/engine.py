@@ -130,12 +130,11 @@ class _Engine:
     prefill_rows: int = 0  # prompts prefilled so far: copies of a prompt in one refill count once
 
 
-# CPU: the top-p nucleus is looked for among this many likeliest tokens first, then the full sort. A second
-# level, (1024, 8192), takes SmolLM2's decode step at batch 128 on random prompts from 641 to 539 ms
-# (benchmarks/RESULTS.md), but on a row too wide for 1024 it draws another token from the same seed than
-# the sort does (same distribution, other order), which changes the demo's seeded numbers: it waits for
-# the demo's five draws to be measured again with it.
-NUCLEUS_CANDIDATES = (1024,)
+# CPU: the top-p nucleus is looked for among the top 1024 tokens first, then the top 8192, then the full
+# sort. The second level takes SmolLM2's decode step at batch 128 on random prompts from 641 to 539 ms
+# (benchmarks/RESULTS.md); on a row too wide for 1024 it draws another token from the same seed than the
+# sort would (the same distribution, traversed in another order: chi-square test, tests/test_engine.py).
+NUCLEUS_CANDIDATES = (1024, 8192)
 
 
 def sample_next(logits, temperature, top_p, u, candidates=NUCLEUS_CANDIDATES):
