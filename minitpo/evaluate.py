@@ -192,7 +192,7 @@ def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed
     (model, *_), (against, *_) = refs
     if model == against:
         raise UserError(f"--model and --against are both {model!r}; compare two different models")
-    io.check_writable(run_dir / "eval", "RUN_DIR")  # before the minutes of sampling and judging
+    io.check_writable(run_dir / rundir.EVAL, "RUN_DIR")  # before the minutes of sampling and judging
 
     marker_of = [load_template(r.thought.template, r.thought.marker, r.thought.min_words).marker for *_, r in refs]
     # One policy in memory at a time: sample, then free it before the next model (and the judge) load.
@@ -221,9 +221,8 @@ def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed
                      "judged": i in ps, "p": p})
 
     result = aggregate(rows, model, against)
-    stem = run_dir / "eval" / f"{model}-vs-{against}"
-    io.write_jsonl(stem.with_suffix(".jsonl"), rows)
-    io.write_json(stem.with_suffix(".json"), result)
+    io.write_jsonl(rundir.eval_path(run_dir, model, against, ".jsonl"), rows)
+    io.write_json(rundir.eval_path(run_dir, model, against), result)
     return result
 
 
@@ -275,19 +274,18 @@ def _sample_one(recipe: Recipe, run_dir: Path, name: str, instructions, samples:
 
 
 def _read_recipe(run_dir: Path) -> Recipe:
-    if not (run_dir / "recipe.yaml").is_file():
+    if not (run_dir / rundir.RECIPE).is_file():
         what = "does not exist" if not run_dir.exists() else "holds no recipe.yaml"
         raise UserError(f"RUN_DIR: {str(run_dir)!r} {what}; give a run directory written by `minitpo run`")
-    return load_recipe(run_dir / "recipe.yaml", check_files=False)  # the run wrote absolute paths
+    return load_recipe(run_dir / rundir.RECIPE, check_files=False)  # the run wrote absolute paths
 
 
 def _held_out(run_dir: Path) -> list[Instruction]:
-    path = run_dir / "held_out.jsonl"
-    rows = io.read_jsonl(path, missing_ok=True, fix=rundir.KEEP_SPLIT)
-    if not rows:
-        raise UserError(f"{path}: no held-out instructions; set data.held_out (e.g. 100) in the recipe "
-                        "and start a new run with it")
-    return [Instruction(id=r["id"], text=r["text"], category=r.get("category", "")) for r in rows]
+    instructions = rundir.read_held_out(run_dir)
+    if not instructions:
+        raise UserError(f"{run_dir / rundir.HELD_OUT}: no held-out instructions; set data.held_out (e.g. 100) in the "
+                        "recipe and start a new run with it")
+    return instructions
 
 
 def _last_iteration(run_dir: Path) -> str:

@@ -2,7 +2,8 @@
 
 This is the one place where the whole algorithm is visible. Each stage reads the previous stage's
 files in `iter-N/` and writes its own, atomically; a stage whose output exists is skipped, so a
-killed run resumes from the last finished stage. The run directory is the source of truth:
+killed run resumes from the last finished stage (minitpo/stages.py: how a stage runs, resumes and
+writes). The run directory is the source of truth (minitpo/rundir.py names every file):
 
   recipe.yaml          the resolved recipe          held_out.jsonl   instructions kept for eval
   split.json           each iteration's instructions, fixed when the run starts (never reshuffled)
@@ -24,12 +25,10 @@ Whether a stage is done is rank 0's reading of the same files, told to every ran
 
 import dataclasses
 import gc
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import click
-import torch
 
 from minitpo import dist, engine, io, rundir, suites
 from minitpo.config import Recipe
@@ -43,6 +42,7 @@ from minitpo.pairs import Pair, auto_rho, build_pairs, by_instruction, control_l
 from minitpo.prompts import load_template
 from minitpo.sample import Candidate, check_prompt_lengths, eos_token_ids, sample_candidates
 from minitpo.judges import merge_caches, merge_stats, rank_cache, score_candidates
+from minitpo.stages import JUDGE, PAIR, SAMPLE, TRAIN, Stages
 from minitpo.summary import check_summaries, summarize, summary_line, write_summary
 from minitpo.train import reference_logps, tokenize_pairs, train_adapter
 
@@ -72,8 +72,8 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
                 click.echo(f"recipe: {key} changed; no iteration has run the stage that reads it, so the run "
                            "goes on with the new value", err=True)
             check_summaries(out)  # a finished iteration's summary that does not parse stops the run here
-            if recipe.judge.type == "llama_cpp" and recipe.judge.mode == "pointwise" and not (out / "judge_prompt.txt").exists():
-                io.write_text(out / "judge_prompt.txt", load_prompt_template(recipe.judge.prompt))  # what the judge saw
+            if recipe.judge.type == "llama_cpp" and recipe.judge.mode == "pointwise" and not (out / rundir.JUDGE_PROMPT).exists():
+                io.write_text(out / rundir.JUDGE_PROMPT, load_prompt_template(recipe.judge.prompt))  # what the judge saw
             if kept is None or len(slices) > len(kept[1]) or not (out / rundir.SPLIT).exists():
                 rundir.write_split(out, held_out, slices)  # fixed before the first instruction is sampled
             overlap = suites.benchmark_overlap(ins.text for part in slices for ins in part)
@@ -106,7 +106,7 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
             from minitpo.evaluate import evaluate, summary_text
 
             del policy
-            saved = out / "eval" / f"{rundir.iteration_name(recipe.iterations)}-vs-seed.json"
+            saved = rundir.eval_path(out, rundir.iteration_name(recipe.iterations), "seed")
             click.echo(summary_text(io.read_json(saved) if saved.exists() else evaluate(out)))
     dist.close()
     return out
@@ -116,7 +116,7 @@ def _check_lengths(recipe: Recipe, out: Path, template, held_out, slices, fresh:
     """The instructions still to sample, and the held-out ones (`eval` samples them), must fit the
     policy's context: checked with its tokenizer and config alone, before any model loads."""
     pending = [i for t, s in enumerate(slices, start=1)
-               if fresh or not (rundir.iteration_dir(out, t) / "candidates.jsonl").exists() for i in s]
+               if fresh or not (rundir.iteration_dir(out, t) / rundir.CANDIDATES).exists() for i in s]
     pending += held_out if pending else []  # a finished run is not held up by them
     if pending:
         check_prompt_lengths(load_tokenizer(recipe.policy.model), context_length(recipe.policy.model), pending,
@@ -126,7 +126,7 @@ def _check_lengths(recipe: Recipe, out: Path, template, held_out, slices, fresh:
 def _judge_check(out: Path, recipe: Recipe) -> None:
     from minitpo.judges.check import at_chance, check_judge, sanity_items, warning
 
-    path = out / "judge_check.json"
+    path = out / rundir.JUDGE_CHECK
     if not path.exists():
         io.write_json(path, check_judge(recipe.judge, sanity_items()))
     checked = io.read_json(path)
@@ -137,112 +137,97 @@ def _judge_check(out: Path, recipe: Recipe) -> None:
 
 
 def run_iteration(t: int, it: Path, instructions: list[Instruction], template, recipe: Recipe, policy) -> dict:
-    times = io.read_json(it / "stages.json") if (it / "stages.json").exists() else {}
-    main = dist.is_main()
+    """M_{t-1} -> M_t; the iteration's summary (on rank 0). Each stage runs unless its file in `it` says it
+    is done (minitpo/stages.py), and the next reads that file back: a resumed run goes on from the same data."""
+    stages = Stages(it)
+    # 1-3. K thought+response candidates per instruction from M_{t-1}, split at the marker.
+    rows = stages.run(SAMPLE, lambda: sample_stage(*policy.at(t - 1), instructions, template, recipe, seed=recipe.sampling.seed + t))
+    engine.release()  # the sampler's model copy, KV cache and CUDA graph go before the judge loads
+    candidates = [Candidate(**row) for row in rows]
 
-    def stage(name, path, work):
-        """Run `work()` unless its output file exists; record its wall time, the processes it ran on and,
-        on a GPU, the most memory torch held during it (this rank's)."""
-        if not dist.broadcast(Path(path).exists()):
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            work()  # every rank; rank 0 writes `path`
-            dist.barrier()
-            times[name] = round(time.perf_counter() - t0, 2)
-            times["world_size"] = dist.world_size()
-            if torch.cuda.is_available():
-                times.setdefault("peak_gpu_gib", {})[name] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        elif name not in times:  # killed between writing the output and its time: the time is lost
-            times[name] = None
-        else:
-            return
-        if main:
-            io.write_json(it / "stages.json", times)
-
-    # 1-3. Sample K thought+response candidates per fresh instruction from M_{t-1}; split them.
-    def sample():
-        model, tokenizer = policy.at(t - 1)
-        mine = dist.shard(instructions)
-        candidates = sample_candidates(model, tokenizer, mine, template, recipe.sampling, seed=recipe.sampling.seed + t,
-                                       system_prompt=recipe.thought.system_prompt, progress=main)
-        k = recipe.sampling.k
-        groups = dist.gather([candidates[i * k:(i + 1) * k] for i in range(len(mine))])  # per instruction
-        if main:
-            io.write_jsonl(it / "candidates.jsonl", [dataclasses.asdict(c) for g in groups for c in g])
-        engine.release()  # the sampling copy, KV cache and CUDA graph go before the judge loads
-    stage("sample", it / "candidates.jsonl", sample)
-    candidates = [Candidate(**row) for row in io.read_jsonl(it / "candidates.jsonl")]
-
-    # 4-5. The judge scores responses only (never thoughts); length control normalises per instruction.
-    def judge():
-        policy.free_cache()
-        parsed = [c for c in candidates if c.parsed]
-        # a rank judges whole instructions (pairwise needs the group)
-        mine = [c for group in dist.shard(by_instruction(parsed)) for c in group]
-        cache = rank_cache(it / "judge_cache.jsonl", dist.rank())
-        mine_scores, mine_stats = score_candidates(recipe.judge, mine, cache, progress=main)
-        scored = dist.gather([list(zip(mine, mine_scores))])
-        stats = merge_stats(dist.gather([mine_stats]))
-        if not main:
-            return
-        merge_caches(it / "judge_cache.jsonl")
-        io.write_json(it / "judge_stats.json", stats)
-        raw = {(c.instruction_id, c.index): s for part in scored for c, s in part}
-        rho = auto_rho(candidates, raw) if recipe.judge.rho == "auto" else recipe.judge.rho
-        final = control_length(candidates, raw, rho)
-        io.write_jsonl(it / "scores.jsonl", [
-            {"instruction_id": c.instruction_id, "index": c.index, "score": raw[(c.instruction_id, c.index)],
-             "response_length": len(c.response), "rho": rho, "final": final[(c.instruction_id, c.index)]}
-            for c in parsed
-        ])
-    stage("judge", it / "scores.jsonl", judge)
-    scores = io.read_jsonl(it / "scores.jsonl")
+    # 4. The judge scores responses only (never thoughts); 5. length control normalises them per instruction.
+    policy.free_cache()  # the policy's cached blocks go too: a GGUF judge or reward model may share the GPU
+    scores = stages.run(JUDGE, lambda: judge_stage(candidates, recipe.judge, it / rundir.JUDGE_CACHE))
     raw = {(s["instruction_id"], s["index"]): s["score"] for s in scores}
     final = {(s["instruction_id"], s["index"]): s["final"] for s in scores}
 
-    # 6. Best vs worst become pairs; reference log-probs come from M_{t-1}, once, before training.
-    def pair():
-        model, tokenizer = policy.at(t - 1)
-        pairs = build_pairs(candidates, raw, final)
-        examples, truncated = tokenize_pairs(tokenizer, pairs, recipe.train.max_length, policy.eos_id)
-        kept = [e for e in examples if e is not None]
-        refs = dist.gather(reference_logps(model, dist.shard(kept), tokenizer.pad_token_id, recipe.train, policy.device))
-        if not main:
-            return
-        refs = iter(refs)
-        rows = []
-        for p, e, cut in zip(pairs, examples, truncated):
-            ref = next(refs) if e is not None else (None, None)
-            rows.append({**dataclasses.asdict(p), "skipped": e is None, "prompt_truncated": cut,
-                         "ref_chosen_logps": ref[0], "ref_rejected_logps": ref[1]})
-        io.write_jsonl(it / "pairs.jsonl", rows)
-    stage("pair", it / "pairs.jsonl", pair)
-    pair_rows = io.read_jsonl(it / "pairs.jsonl")
+    # 6. Best vs worst become pairs; their reference log-probs come from M_{t-1}, before training changes it.
+    pairs = build_pairs(candidates, raw, final)
+    pair_rows = stages.run(PAIR, lambda: reference_stage(*policy.at(t - 1), pairs, recipe.train, policy))
 
-    # 7. DPO on this iteration's pairs only: M_{t-1} -> M_t.
-    def train():
-        model, tokenizer = policy.at(t - 1)
-        rows = [r for r in pair_rows if not r["skipped"]]
-        pairs = [Pair.from_row(r) for r in rows]
-        examples, _ = tokenize_pairs(tokenizer, pairs, recipe.train.max_length, policy.eos_id)
-        refs = [(r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in rows]
-        log_rows = []
-        result = train_adapter(model, examples, refs, tokenizer.pad_token_id, recipe.train, policy.device,
-                               log=log_rows.append) if examples else {"updates": 0, "epochs": [], "best_epoch": None}
-        policy.trained = t  # on every rank: the gradients were summed, so every rank holds M_t
-        if main:
-            save_adapter(model, it / "adapter")
-            io.write_jsonl(it / "train_log.jsonl", log_rows)
-            io.write_json(it / "train_summary.json", result)
-    stage("train", it / "train_summary.json", train)
+    # 7. DPO on this iteration's pairs only: M_{t-1} -> M_t. 8. Save: train_stage writes the adapter of M_t.
+    stages.run(TRAIN, lambda: train_stage(*policy.at(t - 1), pair_rows, recipe.train, policy, t))
 
-    if not main:
+    if not dist.is_main():
         return {}
-    stage_times = {k: v for k, v in times.items() if k not in ("world_size", "peak_gpu_gib")}
-    return summarize(t, candidates, scores, pair_rows, io.read_jsonl(it / "train_log.jsonl"),
-                     io.read_json(it / "train_summary.json"), io.read_json(it / "judge_stats.json"), stage_times,
+    return summarize(t, candidates, scores, pair_rows, io.read_jsonl(it / rundir.TRAIN_LOG),
+                     io.read_json(it / rundir.TRAIN_SUMMARY), io.read_json(it / rundir.JUDGE_STATS), stages.wall_times(),
                      marker=template.marker)
+
+
+# The stages. Each takes plain data, does this rank's share under torchrun (minitpo/dist.py) and returns, on
+# rank 0, its files as {name in iter-N/: rows} for Stages.run to write (None on the other ranks).
+
+def sample_stage(model, tokenizer, instructions: list[Instruction], template, recipe: Recipe, seed: int) -> dict | None:
+    """K candidates per instruction, in the instructions' order."""
+    mine = dist.shard(instructions)
+    candidates = sample_candidates(model, tokenizer, mine, template, recipe.sampling, seed=seed,
+                                   system_prompt=recipe.thought.system_prompt, progress=dist.is_main())
+    k = recipe.sampling.k
+    groups = dist.gather([candidates[i * k:(i + 1) * k] for i in range(len(mine))])  # per instruction
+    return {rundir.CANDIDATES: [dataclasses.asdict(c) for g in groups for c in g]} if dist.is_main() else None
+
+
+def judge_stage(candidates: list[Candidate], cfg, cache_path: Path) -> dict | None:
+    """The judge's raw score of each parsed response, its length-controlled score and the judge's stats.
+    A rank judges whole instructions: the pairwise judge needs the group."""
+    parsed = [c for c in candidates if c.parsed]
+    mine = [c for group in dist.shard(by_instruction(parsed)) for c in group]
+    mine_scores, mine_stats = score_candidates(cfg, mine, rank_cache(cache_path, dist.rank()), progress=dist.is_main())
+    scored = dist.gather([list(zip(mine, mine_scores))])
+    stats = merge_stats(dist.gather([mine_stats]))
+    if not dist.is_main():
+        return None
+    raw = {(c.instruction_id, c.index): s for part in scored for c, s in part}
+    rho = auto_rho(candidates, raw) if cfg.rho == "auto" else cfg.rho
+    final = control_length(candidates, raw, rho)
+    return {cache_path.name: merge_caches, rundir.JUDGE_STATS: stats, rundir.SCORES: [
+        {"instruction_id": c.instruction_id, "index": c.index, "score": raw[(c.instruction_id, c.index)],
+         "response_length": len(c.response), "rho": rho, "final": final[(c.instruction_id, c.index)]}
+        for c in parsed]}
+
+
+def reference_stage(model, tokenizer, pairs: list[Pair], cfg, policy) -> dict | None:
+    """Each pair with the reference log-probs of its two sides under `model` (M_{t-1}); a pair too long
+    for train.max_length is kept as skipped."""
+    examples, truncated = tokenize_pairs(tokenizer, pairs, cfg.max_length, policy.eos_id)
+    kept = [e for e in examples if e is not None]
+    refs = dist.gather(reference_logps(model, dist.shard(kept), tokenizer.pad_token_id, cfg, policy.device))
+    if not dist.is_main():
+        return None
+    refs = iter(refs)
+    rows = []
+    for p, e, cut in zip(pairs, examples, truncated):
+        ref = next(refs) if e is not None else (None, None)
+        rows.append({**dataclasses.asdict(p), "skipped": e is None, "prompt_truncated": cut,
+                     "ref_chosen_logps": ref[0], "ref_rejected_logps": ref[1]})
+    return {rundir.PAIRS: rows}
+
+
+def train_stage(model, tokenizer, pair_rows: list[dict], cfg, policy, t: int) -> dict | None:
+    """DPO on the pairs not skipped, from their stored reference log-probs; the adapter of M_t, the
+    per-update log and the training summary."""
+    rows = [r for r in pair_rows if not r["skipped"]]
+    examples, _ = tokenize_pairs(tokenizer, [Pair.from_row(r) for r in rows], cfg.max_length, policy.eos_id)
+    refs = [(r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in rows]
+    log_rows = []
+    result = train_adapter(model, examples, refs, tokenizer.pad_token_id, cfg, policy.device,
+                           log=log_rows.append) if examples else {"updates": 0, "epochs": [], "best_epoch": None}
+    policy.trained = t  # on every rank: the gradients were summed, so every rank holds M_t
+    if not dist.is_main():
+        return None
+    return {rundir.ADAPTER: lambda path: save_adapter(model, path), rundir.TRAIN_LOG: log_rows,
+            rundir.TRAIN_SUMMARY: result}
 
 
 class Policy:

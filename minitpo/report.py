@@ -65,9 +65,9 @@ def write_report(run_dir: str | Path) -> Path:
     """Write `run_dir/report.md` and `run_dir/report/*.png`; return the path of report.md."""
     run_dir = Path(run_dir)
     rows = _finished_iterations(run_dir)
-    logs = {r["iteration"]: io.read_jsonl(rundir.iteration_dir(run_dir, r["iteration"]) / "train_log.jsonl", missing_ok=True)
+    logs = {r["iteration"]: io.read_jsonl(rundir.iteration_dir(run_dir, r["iteration"]) / rundir.TRAIN_LOG, missing_ok=True)
             for r in rows}
-    evals, notes = _read_evals(run_dir / "eval")
+    evals, notes = _read_evals(run_dir / rundir.EVAL)
     for r in rows:  # the win rate against the seed joins the iteration's row in the table
         seed_eval = next((e for e in evals if e["against"] == "seed" and e["iteration"] == r["iteration"]), {})
         r["win_rate"] = seed_eval.get("win_rate")
@@ -85,8 +85,8 @@ def write_report(run_dir: str | Path) -> Path:
         if _plot_win_rates(tmp / "win_rate.png", evals):
             figures.append(("Win rate", "win_rate.png"))
 
-    io.write_dir(run_dir / "report", fill)  # replaces the plots of an earlier report as a whole
-    path = run_dir / "report.md"
+    io.write_dir(run_dir / rundir.REPORT_PLOTS, fill)  # replaces the plots of an earlier report as a whole
+    path = run_dir / rundir.REPORT
     io.write_text(path, _markdown(run_dir, rows, figures, notes))
     return path
 
@@ -246,7 +246,7 @@ def _save(fig: Figure, path: Path, title: str | None) -> bool:
 def _markdown(run_dir: Path, rows: list[dict], figures: list[tuple[str, str]], notes: list[str]) -> str:
     lines = [f"# minitpo report: {run_dir.resolve().name}", ""]
     lines += [f"Run directory `{run_dir.resolve()}`: {len(rows)} finished iteration{'s' * (len(rows) != 1)}."
-              + _recipe_line(run_dir / "recipe.yaml"), ""]
+              + _recipe_line(run_dir / rundir.RECIPE), ""]
     lines += ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
     for r in rows:
         cells = [_cell(r.get(key), spec) for _, key, spec in COLUMNS]
@@ -269,7 +269,7 @@ def _bench_tables(run_dir: Path, notes: list[str]) -> list[str]:
     from minitpo.bench import table
 
     lines = []
-    for path in sorted((run_dir / "bench").glob("*.json")):
+    for path in sorted(rundir.bench_dir(run_dir).glob("*.json")):
         try:
             lines += [f"## Benchmark: {path.stem}", "", table(io.read_json(path)), ""]
         except (OSError, ValueError, KeyError, TypeError):

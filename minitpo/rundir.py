@@ -40,14 +40,45 @@ from minitpo import io
 from minitpo.io import read_json
 from minitpo.prompts import Template, load_template
 
+# In RUN_DIR/:
 LOCK = ".lock"
-HELD_OUT = "held_out.jsonl"  # in RUN_DIR/: the instructions kept for evaluation, never trained on
-SPLIT = "split.json"  # in RUN_DIR/: each iteration's instructions, fixed when the run starts
 MARKER = ".minitpo"  # written when a run claims its directory: --fresh deletes only a folder that has it
-SUMMARY = "summary.json"  # in iter-N/, written last: the iteration is finished
-METRICS = "metrics.jsonl"  # in RUN_DIR/: the finished summaries, in order
-ADAPTER = "adapter"  # in iter-N/: the LoRA adapter of model N
+RECIPE = "recipe.yaml"  # the resolved recipe
+HELD_OUT = "held_out.jsonl"  # the instructions kept for evaluation, never trained on
+SPLIT = "split.json"  # each iteration's instructions, fixed when the run starts
+METRICS = "metrics.jsonl"  # the finished summaries, in order
+JUDGE_PROMPT = "judge_prompt.txt"  # the pointwise GGUF judge's prompt, as it ran
+JUDGE_CHECK = "judge_check.json"  # judge.check's result, once per run directory
+EVAL = "eval"  # eval/{model}-vs-{against}.json and .jsonl
+BENCH = "bench"  # bench/{suite}.json and bench/{suite}/ per model
+REPORT = "report.md"  # `minitpo report`, with its plots in REPORT_PLOTS/
+REPORT_PLOTS = "report"
+# In iter-N/, one stage's files each (minitpo/stages.py names which one marks the stage done):
+CANDIDATES = "candidates.jsonl"  # sample: K outputs per instruction, split into thought and response
+JUDGE_CACHE = "judge_cache.jsonl"  # judge: every judgement so far (a killed judge stage resumes from it)
+JUDGE_STATS = "judge_stats.json"  # judge: parse failures and the like
+SCORES = "scores.jsonl"  # judge: raw score, response length, length-controlled score
+PAIRS = "pairs.jsonl"  # pair: chosen/rejected with the reference log-probs of M_{N-1}
+ADAPTER = "adapter"  # train: the LoRA adapter of model N
+TRAIN_LOG = "train_log.jsonl"  # train: one line per optimizer update
+TRAIN_SUMMARY = "train_summary.json"  # train: epochs, best epoch
+STAGES = "stages.json"  # each stage's wall time and peak memory
+SUMMARY = "summary.json"  # written last: the iteration is finished
 _ITERATION = re.compile(r"iter-(\d+)")
+
+
+def eval_path(out: Path, model: str, against: str, suffix: str = ".json") -> Path:
+    """RUN_DIR/eval/{model}-vs-{against}.json (the result) or .jsonl (its rows)."""
+    return Path(out) / EVAL / f"{model}-vs-{against}{suffix}"
+
+
+def bench_dir(out: Path, suite: str | None = None) -> Path:
+    """RUN_DIR/bench/, or bench/{suite}/ with one suite's per-model files."""
+    return Path(out) / BENCH / suite if suite else Path(out) / BENCH
+
+
+def bench_summary(out: Path, suite: str) -> Path:
+    return Path(out) / BENCH / f"{suite}.json"
 
 
 def iteration_name(t: int) -> str:
@@ -94,15 +125,20 @@ def kept_split(out: Path) -> tuple[list[Instruction], list[list[Instruction]]] |
         if (out / SPLIT).is_file():  # a new split would not know which instructions were held out
             raise UserError(f"{out / HELD_OUT}: missing, and {SPLIT} is there; {KEEP_SPLIT}")
         return None
-    held = [Instruction(**row) for row in io.read_jsonl(out / HELD_OUT, fix=KEEP_SPLIT)]
+    held = read_held_out(out)
     if (out / SPLIT).is_file():
         return held, [[Instruction(**row) for row in s] for s in io.read_json(out / SPLIT, fix=KEEP_SPLIT)["iterations"]]
     slices = []
-    while (path := iteration_dir(out, len(slices) + 1) / "candidates.jsonl").is_file():
+    while (path := iteration_dir(out, len(slices) + 1) / CANDIDATES).is_file():
         rows = {r["instruction_id"]: Instruction(r["instruction_id"], r["instruction"], r.get("category", ""))
                 for r in io.read_jsonl(path)}
         slices.append(list(rows.values()))
     return held, slices
+
+
+def read_held_out(out: Path) -> list[Instruction]:
+    """RUN_DIR/held_out.jsonl as write_split wrote it (none when it is missing)."""
+    return [Instruction(**row) for row in io.read_jsonl(Path(out) / HELD_OUT, missing_ok=True, fix=KEEP_SPLIT)]
 
 
 def write_split(out: Path, held_out: list[Instruction], slices: list[list[Instruction]]) -> None:
@@ -127,9 +163,9 @@ def resolve_adapter(path: str | Path, template: str | None = None) -> Resolved:
     path = Path(path)
     if has_adapter(path):
         adapter = path
-        recipe_path = path.parent.parent / "recipe.yaml" if path.name == ADAPTER else None
+        recipe_path = path.parent.parent / RECIPE if path.name == ADAPTER else None
     elif has_adapter(path / ADAPTER):
-        adapter, recipe_path = path / ADAPTER, path.parent / "recipe.yaml"
+        adapter, recipe_path = path / ADAPTER, path.parent / RECIPE
         if not recipe_path.is_file():
             raise UserError(
                 f"PATH: {str(path)!r} looks like an iteration folder but {str(recipe_path)!r} does not exist; "
@@ -163,7 +199,7 @@ def _not_an_adapter(path: Path) -> str:
     if not path.exists():
         return f"PATH: {str(path)!r} does not exist; give an iteration folder (RUN_DIR/iter-N) or an adapter folder"
     trained = sorted(t for p in path.glob("iter-*") if (t := iteration_number(p.name)) and has_adapter(p / ADAPTER))
-    if (path / "recipe.yaml").is_file() and trained:
+    if (path / RECIPE).is_file() and trained:
         return (f"PATH: {str(path)!r} is a run directory; give one of its iterations, "
                 f"e.g. {str(iteration_dir(path, trained[-1]))!r}")
     if iteration_number(path.name):
@@ -176,11 +212,10 @@ def _not_an_adapter(path: Path) -> str:
 # Which stage first reads a recipe key (a section, or section.key): a resumed run may change a key until
 # that stage's output exists in some iteration. policy and data define the run (its model, its split):
 # they never change. iterations, out and evaluate may always change.
-READ_BY = {"thought": "candidates.jsonl", "sampling": "candidates.jsonl", "judge": "scores.jsonl",
-           "train.max_length": "pairs.jsonl", "train.batch_size": "pairs.jsonl", "train.logps_chunk": "pairs.jsonl",
-           "train.autocast": "pairs.jsonl", "train": "train_summary.json"}
+READ_BY = {"thought": CANDIDATES, "sampling": CANDIDATES, "judge": SCORES, "train.max_length": PAIRS,
+           "train.batch_size": PAIRS, "train.logps_chunk": PAIRS, "train.autocast": PAIRS, "train": TRAIN_SUMMARY}
 FREE = ("iterations", "out", "evaluate")
-STAGE_OF = {"candidates.jsonl": "sample", "scores.jsonl": "judge", "pairs.jsonl": "pair", "train_summary.json": "train"}
+STAGE_OF = {CANDIDATES: "sample", SCORES: "judge", PAIRS: "pair", TRAIN_SUMMARY: "train"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -195,7 +230,7 @@ def claim(out: Path, resolved: dict) -> list[str]:
     """Write recipe.yaml and the marker, or check a resumed run's recipe: a changed key is taken when no
     iteration has run the stage that reads it (a setting fixed after it failed a run), else refused in
     one line. Returns the changed keys taken. Call it with the lock held, after check_out."""
-    path = Path(out) / "recipe.yaml"
+    path = Path(out) / RECIPE
     if not path.exists():
         mark(out)  # first: from its first file on, the directory is minitpo's
         io.write_text(path, yaml.safe_dump(resolved, sort_keys=False))
@@ -212,8 +247,7 @@ def claim(out: Path, resolved: dict) -> list[str]:
             raise UserError(f"out: {str(out)!r} holds a run of a different recipe ({key} differs, and {reason}); "
                             "pass --fresh to start over or --out to use another directory")
     if any(k.startswith("judge.") for k in changed):  # the old judge's work that no stage finished goes
-        for stale in [Path(out) / "judge_check.json", Path(out) / "judge_prompt.txt",
-                      *Path(out).glob("iter-*/judge_cache.jsonl")]:
+        for stale in [Path(out) / JUDGE_CHECK, Path(out) / JUDGE_PROMPT, *Path(out).glob(f"iter-*/{JUDGE_CACHE}")]:
             stale.unlink(missing_ok=True)
     mark(out)  # a run from before the marker, its recipe now checked
     if before != now:
@@ -245,7 +279,7 @@ def lock(out: Path):
 def is_run_dir(out: Path) -> bool:
     """minitpo wrote this folder: it has the marker, or it is a run from before the marker."""
     out = Path(out)
-    return (out / MARKER).is_file() or ((out / "recipe.yaml").is_file() and (out / "held_out.jsonl").is_file())
+    return (out / MARKER).is_file() or ((out / RECIPE).is_file() and (out / HELD_OUT).is_file())
 
 
 def _others(out: Path) -> list[str]:
@@ -263,7 +297,7 @@ def check_out(out: Path, fresh: bool) -> None:
     if fresh:
         raise UserError(f"out: {str(out)!r} is not a run directory minitpo made (it holds {shown}) and --fresh "
                         "deletes only those; give another --out, or delete the folder yourself")
-    if not (out / "recipe.yaml").is_file():  # a run with only its recipe written yet is checked by the loop
+    if not (out / RECIPE).is_file():  # a run with only its recipe written yet is checked by the loop
         raise UserError(f"out: {str(out)!r} holds files minitpo did not write ({shown}); give a new or empty "
                         "directory with --out")
 
