@@ -236,7 +236,10 @@ def claim(out: Path, resolved: dict) -> list[str]:
         io.write_text(path, yaml.safe_dump(resolved, sort_keys=False))
         return []
     before, now = _flat(yaml.safe_load(path.read_text(encoding="utf-8")) or {}), _flat(resolved)
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k.split(".")[0] not in FREE)
+    # A key missing from the run's recipe.yaml came to minitpo after the run was written (a new setting, a
+    # default now resolved in the schema): it is not a change, a run from an older minitpo resumes, and
+    # its recipe.yaml gains the key with the value the rest of the run uses.
+    changed = sorted(k for k in before if before[k] != now.get(k) and k.split(".")[0] not in FREE)
     for key in changed:
         section = key.split(".")[0]
         stage_file = READ_BY.get(key, READ_BY.get(section))
