@@ -114,6 +114,10 @@ class JudgeConfig:
     batch_size: int = 16  # reward_model: responses scored per forward pass
     check: bool = False  # `minitpo run` first runs `minitpo judge-check` (saved as judge_check.json) and
     #   warns when the judge cannot be told from chance; a GGUF judge on 256 items takes a minute or two
+    # llama_cpp pointwise: a response on whose verdict (the digits 1-9) the judge puts less probability
+    # than this is unjudged: left out of pairs and counted, never scored. Under 0.5, the judge's likeliest
+    # next text is not a rating at all: read as text, its verdict would fail to parse more often than not.
+    min_verdict_mass: float = 0.5
 
     def __post_init__(self):
         if self.rho != "auto":
@@ -128,6 +132,8 @@ class JudgeConfig:
         if self.mode == "pairwise" and self.type != "llama_cpp":
             raise UserError(f"judge.mode: pairwise works with judge.type llama_cpp, not {self.type!r}; change one")
         _check(self.batch_size >= 1, "judge.batch_size", self.batch_size, "use 1 or more")
+        _check(0 <= self.min_verdict_mass < 1, "judge.min_verdict_mass", self.min_verdict_mass,
+               "use [0, 1) (0 scores every response, 0.5 is the default)")
         if self.type == "python" and (not self.function or ":" not in self.function):
             raise UserError(
                 f"judge.function: {self.function!r} is not 'module:callable'; "
@@ -194,3 +200,4 @@ class Recipe:
         if self.sampling.force_marker and self.thought.template == "direct":
             raise UserError("sampling.force_marker: true needs a thought template with a marker, not 'direct'; "
                             "set it to false or pick another thought.template")
+

@@ -38,7 +38,7 @@ from minitpo.data import Instruction, drop_duplicates, load_instructions, split_
 from minitpo.judges.llama import load_prompt_template
 from minitpo.device import free_memory, pick_device
 from minitpo.model import context_length, enable_checkpointing, load_policy, load_tokenizer, save_adapter
-from minitpo.pairs import Pair, auto_rho, build_pairs, by_instruction, control_length
+from minitpo.pairs import Pair, auto_rho, build_pairs, by_instruction, control_length, judged
 from minitpo.prompts import load_template
 from minitpo.sample import Candidate, check_prompt_lengths, eos_token_ids, sample_candidates
 from minitpo.judges import merge_caches, merge_stats, rank_cache, score_candidates
@@ -152,7 +152,7 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     final = {(s["instruction_id"], s["index"]): s["final"] for s in scores}
 
     # 6. Best vs worst become pairs; their reference log-probs come from M_{t-1}, before training changes it.
-    pairs = build_pairs(candidates, raw, final)
+    pairs = build_pairs(judged(candidates, raw), raw, final)  # an unjudged response is in no pair
     pair_rows = stages.run(PAIR, lambda: reference_stage(*policy.at(t - 1), pairs, recipe.train, policy))
 
     # 7. DPO on this iteration's pairs only: M_{t-1} -> M_t. 8. Save: train_stage writes the adapter of M_t.
@@ -179,8 +179,9 @@ def sample_stage(model, tokenizer, instructions: list[Instruction], template, re
 
 
 def judge_stage(candidates: list[Candidate], cfg, cache_path: Path) -> dict | None:
-    """The judge's raw score of each parsed response, its length-controlled score and the judge's stats.
-    A rank judges whole instructions: the pairwise judge needs the group."""
+    """The judge's raw score of each parsed response, its length-controlled score and the judge's stats;
+    an unjudged response (judge.min_verdict_mass) has no row. A rank judges whole instructions: the
+    pairwise judge needs the group."""
     parsed = [c for c in candidates if c.parsed]
     mine = [c for group in dist.shard(by_instruction(parsed)) for c in group]
     mine_scores, mine_stats = score_candidates(cfg, mine, rank_cache(cache_path, dist.rank()), progress=dist.is_main())
@@ -188,13 +189,14 @@ def judge_stage(candidates: list[Candidate], cfg, cache_path: Path) -> dict | No
     stats = merge_stats(dist.gather([mine_stats]))
     if not dist.is_main():
         return None
-    raw = {(c.instruction_id, c.index): s for part in scored for c, s in part}
+    raw = {(c.instruction_id, c.index): s for part in scored for c, s in part if s is not None}
+    candidates = judged(candidates, raw)
     rho = auto_rho(candidates, raw) if cfg.rho == "auto" else cfg.rho
     final = control_length(candidates, raw, rho)
     return {cache_path.name: merge_caches, rundir.JUDGE_STATS: stats, rundir.SCORES: [
         {"instruction_id": c.instruction_id, "index": c.index, "score": raw[(c.instruction_id, c.index)],
          "response_length": len(c.response), "rho": rho, "final": final[(c.instruction_id, c.index)]}
-        for c in parsed]}
+        for c in candidates if c.parsed]}
 
 
 def reference_stage(model, tokenizer, pairs: list[Pair], cfg, policy) -> dict | None:

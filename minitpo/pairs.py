@@ -123,6 +123,12 @@ def pair_lengths(candidates, pairs) -> tuple[list[int], list[int]]:
             [length[(p.instruction_id, p.rejected_index)] for p in kept])
 
 
+def judged(candidates, raw: dict[tuple[int, int], float]) -> list:
+    """The candidates that take part in pairs: every parse failure, and every parsed one the judge scored
+    (an unjudged response is neither chosen nor rejected: its text may be fine, the judge said nothing)."""
+    return [c for c in candidates if not c.parsed or (c.instruction_id, c.index) in raw]
+
+
 def by_instruction(candidates) -> list[list]:
     """The candidates grouped by instruction, in the order the instructions first appear."""
     groups: dict[int, list] = {}

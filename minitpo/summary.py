@@ -93,6 +93,8 @@ def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, judge_s
         "best_epoch": train_summary.get("best_epoch"),
         "position_consistency": judge_stats.get("position_consistency"),
         "judge_verdict_mass": judge_stats.get("verdict_mass"),
+        # parsed responses left out of pairs: the judge put under judge.min_verdict_mass on its verdict
+        "judge_unjudged": judge_stats.get("unjudged"),
         # judge prompts over judge.n_ctx, whose response was cut to fit (pairwise: pairs of responses)
         "judge_prompts_cut": judge_stats.get("responses_cut", judge_stats.get("pairs_cut")),
         "stage_wall_s": times,
@@ -100,8 +102,18 @@ def summarize(t, candidates, scores, pair_rows, log_rows, train_summary, judge_s
         "pairs_val": train_summary.get("n_val_pairs", 0),
         "updates": train_summary.get("updates"),
         # what made the iteration train on little or nothing (the console and the report show them)
-        "warnings": training_warnings(len(pair_rows), len(trained), train_summary),
+        "warnings": judge_warnings(judge_stats, len(parsed)) + training_warnings(len(pair_rows), len(trained), train_summary),
     }
+
+
+def judge_warnings(judge_stats: dict, n_parsed: int) -> list[str]:
+    """Responses the judge left unjudged (under judge.min_verdict_mass); [] when it judged them all."""
+    n = judge_stats.get("unjudged") or 0
+    if not n:
+        return []
+    return [f"the judge put under judge.min_verdict_mass of its probability on a verdict for {n} of {n_parsed} "
+            "parsed responses, which were left out of pairs; use a judge that follows the rating format, or "
+            "lower judge.min_verdict_mass (judge_verdict_mass in the summary is its mean)"]
 
 
 def training_warnings(pairs: int, trained: int, train_summary: dict) -> list[str]:

@@ -30,9 +30,11 @@ def _byte_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def write_tiny_gguf(path, chat_template: str | None = None, seed: int = 0, n_embd: int = 64, n_layer: int = 2):
+def write_tiny_gguf(path, chat_template: str | None = None, seed: int = 0, n_embd: int = 64, n_layer: int = 2,
+                    digit_logit: float | None = None):
     """A random llama-arch GGUF with a byte-level gpt2 BPE vocab: the 256 byte tokens (so every digit is
-    one token), a few merges, and control tokens <s>, </s>, <|end|>."""
+    one token), a few merges, and control tokens <s>, </s>, <|end|>. With `digit_logit`, not random: the
+    next-token logits are digit_logit for each digit 1-9 and 0 for every other token, whatever the prompt."""
     import gguf
 
     b2u = _byte_to_unicode()
@@ -64,11 +66,25 @@ def write_tiny_gguf(path, chat_template: str | None = None, seed: int = 0, n_emb
     rng = np.random.default_rng(seed)
 
     def rand(*shape, std=0.5):  # numpy shape (out, in); GGUF stores it reversed, as llama.cpp expects
+        if digit_logit is not None:  # every block adds nothing: the last hidden state is its embedding
+            return np.zeros(shape, np.float32)
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
-    w.add_tensor("token_embd.weight", rand(n_vocab, n_embd, std=1.0))
-    w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
-    w.add_tensor("output.weight", rand(n_vocab, n_embd, std=1.0))
+    if digit_logit is not None:
+        # Every token's embedding is all ones, so the final RMSNorm gives h = ones / sqrt(1 + eps); a row of
+        # output.weight holding c / n_embd in each column gives the logit c * (1 + eps)^-1/2: digit_logit
+        # for the nine digits' byte tokens, 0 for every other token.
+        embd = np.ones((n_vocab, n_embd), np.float32)
+        out = np.zeros((n_vocab, n_embd), np.float32)
+        out[[3 + b for b in b"123456789"]] = digit_logit / n_embd
+        w.add_tensor("token_embd.weight", embd)
+        w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+        w.add_tensor("output.weight", out)
+
+    else:
+        w.add_tensor("token_embd.weight", rand(n_vocab, n_embd, std=1.0))
+        w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+        w.add_tensor("output.weight", rand(n_vocab, n_embd, std=1.0))
     for i in range(n_layer):
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, np.float32))
         for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
@@ -390,3 +406,45 @@ def test_quiet_stderr_around_a_llama_cpp_load_holds_ctrl_c_too():
     with pytest.raises(KeyboardInterrupt):
         with judge.quiet_stderr():
             callback()
+
+
+# ---------------------------------------------------------------------------------------------- verdict mass
+
+def test_a_response_with_little_verdict_mass_is_unjudged_not_scored(tmp_path):
+    """Worked by hand on two GGUFs whose logits do not depend on the prompt (write_tiny_gguf's digit_logit):
+    271 tokens, the nine digits at logit a, the 262 others at 0. Each digit is as likely as the next, so the
+    score is 5, and the verdict mass is 9 e^a / (9 e^a + 262): a = 0 gives 9/271 = 0.0332 (under 0.5:
+    unjudged); a = ln(262 * 3 / 9) gives 9 e^a = 786 and 786 / 1048 = 0.75 (judged)."""
+    from minitpo.judges import score_candidates
+    from minitpo.sample import Candidate
+
+    eps_scale = (1 + 1e-5) ** -0.5  # the RMSNorm's eps, as the logits see it
+    flat = write_tiny_gguf(tmp_path / "flat.gguf", digit_logit=0.0)
+    sure = write_tiny_gguf(tmp_path / "sure.gguf", digit_logit=np.log(262 * 3 / 9) / eps_scale)
+    parsed = [Candidate(instruction_id=0, index=j, instruction="Name a colour.", prompt="p", text=f"t{j}",
+                        thought="", response=f"Blue number {j}.", parsed=True, n_tokens=4, truncated=False)
+              for j in range(3)]
+
+    scores, stats = score_candidates(Cfg(model=str(flat)), parsed, tmp_path / "flat_cache.jsonl", progress=False)
+    assert scores == [None, None, None]
+    assert stats["unjudged"] == 3 and stats["verdict_mass"] == pytest.approx(9 / 271, rel=1e-4)
+
+    scores, stats = score_candidates(Cfg(model=str(sure)), parsed, tmp_path / "sure_cache.jsonl", progress=False)
+    assert scores == pytest.approx([5.0] * 3, abs=1e-6)
+    assert stats["unjudged"] == 0 and stats["verdict_mass"] == pytest.approx(0.75, rel=1e-4)
+
+    # judge.min_verdict_mass 0 scores the flat judge's responses again, from the cache: 5 each
+    scores, stats = score_candidates(Cfg(model=str(flat), min_verdict_mass=0.0), parsed,
+                                     tmp_path / "flat_cache.jsonl", progress=False)
+    assert scores == pytest.approx([5.0] * 3, abs=1e-6) and stats["unjudged"] == 0 and stats["cached"] == 3
+
+    # the judge stage leaves them out of scores.jsonl (so of every pair) and counts them
+    from minitpo import rundir
+    from minitpo.loop import judge_stage
+    from minitpo.pairs import build_pairs, judged
+
+    failed = Candidate(instruction_id=0, index=3, instruction="Name a colour.", prompt="p", text="t3", thought="",
+                       response="", parsed=False, n_tokens=4, truncated=True)
+    files = judge_stage([*parsed, failed], Cfg(model=str(flat)), tmp_path / "stage_cache.jsonl")
+    assert files[rundir.SCORES] == [] and files[rundir.JUDGE_STATS]["unjudged"] == 3
+    assert judged([*parsed, failed], {}) == [failed] and build_pairs([failed], {}, {}) == []

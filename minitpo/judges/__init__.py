@@ -26,7 +26,8 @@ from minitpo.pairs import by_instruction
 CHUNK = 256  # judgements between cache writes: a kill loses at most this much judge work
 
 
-def score_candidates(cfg, parsed, cache_path: Path, progress: bool = True) -> tuple[list[float], dict]:
+def score_candidates(cfg, parsed, cache_path: Path, progress: bool = True) -> tuple[list[float | None], dict]:
+    """One raw score per parsed candidate (None: unjudged, see `unjudged`) and the judge's statistics."""
     if cfg.mode == "pairwise":
         return _score_pairwise(cfg, parsed, cache_path, progress)
     cache = {(r["instruction"], r["response"]): r for r in io.read_jsonl(cache_path, missing_ok=True)}
@@ -45,12 +46,20 @@ def score_candidates(cfg, parsed, cache_path: Path, progress: bool = True) -> tu
             raise failed
     rows = [cache[(c.instruction, c.response)] for c in parsed]
     # score_mass: the probability the GGUF judge put on any valid verdict token. The score is renormalised
-    # over those tokens, so a judge that ignores the format still gives numbers: this number shows it.
+    # over those tokens, so a judge that ignores the format still gives numbers: under judge.min_verdict_mass
+    # that number is no verdict, and the response gets None, as a verdict that does not parse would.
     masses = [r["score_mass"] for r in rows if r.get("score_mass") is not None]
+    scores = [None if unjudged(r, cfg) else r["score"] for r in rows]
     # cut: the judge prompt was over judge.n_ctx, so the response was cut to fit (judge.fit_prompt)
-    return [r["score"] for r in rows], {"judged": len(todo), "cached": len(parsed) - len(todo),
-                                        "verdict_mass": sum(masses) / len(masses) if masses else None,
-                                        "responses_cut": sum(bool(r.get("cut")) for r in rows)}
+    return scores, {"judged": len(todo), "cached": len(parsed) - len(todo),
+                    "verdict_mass": sum(masses) / len(masses) if masses else None,
+                    "responses_cut": sum(bool(r.get("cut")) for r in rows),
+                    "unjudged": scores.count(None)}
+
+
+def unjudged(result: dict, cfg) -> bool:
+    """A pointwise result whose verdict mass is under judge.min_verdict_mass (GGUF judges only have one)."""
+    return result.get("score_mass") is not None and result["score_mass"] < cfg.min_verdict_mass
 
 
 def merge_stats(parts: list[dict]) -> dict:
