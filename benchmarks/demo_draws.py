@@ -48,6 +48,8 @@ def gguf_check(run_dir: Path, n: int) -> dict:
     from minitpo.judges.llama import quiet_stderr
     from minitpo.recipe import load_recipe
 
+    if (run_dir / "gguf_check.jsonl").exists():  # checked by an earlier call: read, not redone
+        return gguf_counts(io.read_jsonl(run_dir / "gguf_check.jsonl"))
     recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
     last = rundir.iteration_name(rundir.finished_iterations(run_dir)[-1])
     path = run_dir / f"{last}.gguf"
@@ -69,6 +71,10 @@ def gguf_check(run_dir: Path, n: int) -> dict:
         outputs.append({"instruction": row["text"], "text": text, "thinks": thinks,
                         "one_marker": thinks and marker not in response})  # the split minitpo's parser accepts
     io.write_jsonl(run_dir / "gguf_check.jsonl", outputs)
+    return gguf_counts(outputs)
+
+
+def gguf_counts(outputs: list[dict]) -> dict:
     return {"n": len(outputs), "thinks": sum(o["thinks"] for o in outputs),
             "one_marker": sum(o["one_marker"] for o in outputs)}
 
