@@ -148,7 +148,7 @@ def main():
               f"| {fmt(r['constraints'], '.3f')} / {fmt(r['seed_constraints'], '.3f')} "
               f"| {fmt(r['response_chars'], '.0f')} / {fmt(r['seed_response_chars'], '.0f')} "
               f"| {' / '.join(fmt(x) for x in r['train_marker_rate'])} | {r['gguf_thinks'] or '-'} "
-              f"| {r['wall_s'] // 60:.0f} min {r['wall_s'] % 60:.0f} s |")
+              f"| {round(r['wall_s']) // 60} min {round(r['wall_s']) % 60} s |")
     rows = [{**x, "instruction_id": (r["seed"], x["instruction_id"])} for r in table for x in r["rows"]]
     pooled = win_rate_summary([x["p"] for x in rows], [x["instruction_id"] for x in rows])
     wins = [r["win_rate"] for r in table]
