@@ -139,7 +139,7 @@ CASES = [  # (id, recipe file or None for the tiny recipe, extra arguments, text
     ("instruction longer than the context", None, ["data.instructions=TMP/long.jsonl"],
      "data.instructions: line 3 makes a prompt of 4067 tokens, and with sampling.max_new_tokens 64 it does not "
      "fit the policy's context of 512 tokens"),
-    ("two train sections", "TMP/two_train.yaml", [], "recipe: TMP/two_train.yaml sets 'train' twice in one section (lines 28 and 35)"),
+    ("two train sections", "TMP/two_train.yaml", [], "recipe: TMP/two_train.yaml sets 'train' twice in one section (lines 29 and 36)"),
     ("a key twice", "TMP/twice_k.yaml", [], "sets 'k' twice in one section (lines 19 and 20)"),
     ("alias bomb", "TMP/bomb.yaml", [], "recipe: TMP/bomb.yaml stands for more than 10000 values"),
     ("small alias bomb, short line", "TMP/small_bomb.yaml", [], "sampling.k: ['lol', ['lol', 'lol', 'lol', 'lol'], [['lol', 'lol', 'lol',... has the wrong type"),
