@@ -160,6 +160,8 @@ def test_wandb_offline_run_holds_the_same_numbers_and_a_resume_sends_each_step_o
     assert first.returncode == 0, first.stderr[-3000:]
     second = minitpo("run", TINY_RECIPE, "--out", out, "log.to=wandb", "iterations=2", *QUICK)
     assert second.returncode == 0, second.stderr[-3000:]
+    # what was sent: W&B keeps it (a rerun's tokens_per_s and train stage time differ)
+    want, want_iterations = expected_train(out, (1, 2)), expected_iterations(out, (1, 2))
     for name in ("summary.json", "train_summary.json", "train_log.jsonl"):
         (out / "iter-2" / name).unlink()
     third = minitpo("run", TINY_RECIPE, "--out", out, "log.to=wandb", "iterations=2", *QUICK)
@@ -169,13 +171,12 @@ def test_wandb_offline_run_holds_the_same_numbers_and_a_resume_sends_each_step_o
     assert len(runs) == 3  # one per process, one run id: `wandb sync` puts them together
     rows = [r for run in runs for r in wandb_history(run / f"run-{state['id']}.wandb")]
     train = [r for r in rows if "train/step" in r]
-    want = expected_train(out, (1, 2))
     assert [r["train/step"] for r in train] == [s for s, _ in want["train/loss"]]  # each once, in order
     for k in UPDATE_KEYS:
         assert [r[f"train/{k}"] for r in train] == pytest.approx([v for _, v in want[f"train/{k}"]]), k
     iters = [r for r in rows if "iteration" in r]
     assert [r["iteration"] for r in iters] == [1, 2]
-    for tag, points in expected_iterations(out, (1, 2)).items():
+    for tag, points in want_iterations.items():
         assert [r[tag] for r in iters] == pytest.approx([v for _, v in points]), tag
     assert state["train_step"] == len(train) and state["iteration"] == 2
 
