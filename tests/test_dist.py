@@ -96,3 +96,17 @@ def test_a_user_error_stops_every_process_in_one_line(tmp_path):
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and "holds a run of a different recipe" in ours[0], result.stderr[-2000:]
+
+
+def test_rank_0_alone_logs_the_live_curves(runs):
+    """Under torchrun one event file per kind (rank 1 writes none), holding the train log's loss."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, two, _, _ = runs
+    assert len(list((two / "logs" / "train").iterdir())) == 1 and len(list((two / "logs" / "iteration").iterdir())) == 1
+    acc = EventAccumulator(str(two / "logs" / "train"), size_guidance={"scalars": 0})
+    acc.Reload()
+    logged = rows(two / "iter-1" / "train_log.jsonl")
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == \
+        [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in logged]
