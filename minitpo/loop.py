@@ -16,6 +16,7 @@ writes). The run directory is the source of truth (minitpo/rundir.py names every
   iter-N/train_log.jsonl   train    one line per optimizer update
   iter-N/train_summary.json train   epochs, best epoch (written last: marks training done)
   iter-N/summary.json      the iteration's numbers (written last: marks the iteration done)
+  logs/                    live metrics per update and per iteration (log.to: minitpo/live.py)
 
 Under torchrun (minitpo/dist.py) every rank runs this same code: each samples, judges and scores
 reference log-probs for its share, rank 0 writes every file above from the gathered results (so the
@@ -36,6 +37,7 @@ from minitpo.recipe import recipe_to_dict
 from minitpo.evaluate import held_out_warning
 from minitpo.data import Instruction, drop_duplicates, load_instructions, split_instructions
 from minitpo.judges.llama import load_prompt_template
+from minitpo.live import Live
 from minitpo.device import free_memory, pick_device
 from minitpo.model import context_length, enable_checkpointing, load_policy, load_tokenizer, save_adapter
 from minitpo.pairs import Pair, auto_rho, build_pairs, by_instruction, control_length, judged
@@ -84,14 +86,16 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
             if recipe.evaluate and (warning := held_out_warning(recipe.data.held_out)):  # before the hours, too
                 click.echo(f"warning: {warning}", err=True)
         dist.on_main(setup)  # rank 0 alone holds the lock and writes; a refusal stops every rank
+        live = held.enter_context(Live(recipe.log.to, out, recipe_to_dict(recipe), main=dist.is_main()))
 
         policy = Policy(recipe, out)
         for t, instructions in enumerate(slices[:recipe.iterations], start=1):
             it = rundir.iteration_dir(out, t)
             if dist.broadcast((it / rundir.SUMMARY).exists()):
                 continue
-            summary = run_iteration(t, it, instructions, template, recipe, policy)
+            summary = run_iteration(t, it, instructions, template, recipe, policy, live)
             if dist.is_main():
+                live.iteration(t, summary)
                 write_summary(out, t, summary)
                 click.echo(summary_line(summary))
                 for warning in summary["warnings"]:  # an iteration that trained on nothing says so
@@ -136,7 +140,8 @@ def _judge_check(out: Path, recipe: Recipe) -> None:
         click.echo(warning(checked), err=True)
 
 
-def run_iteration(t: int, it: Path, instructions: list[Instruction], template, recipe: Recipe, policy) -> dict:
+def run_iteration(t: int, it: Path, instructions: list[Instruction], template, recipe: Recipe, policy,
+                  live: Live) -> dict:
     """M_{t-1} -> M_t; the iteration's summary (on rank 0). Each stage runs unless its file in `it` says it
     is done (minitpo/stages.py), and the next reads that file back: a resumed run goes on from the same data."""
     stages = Stages(it)
@@ -156,7 +161,8 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     pair_rows = stages.run(PAIR, lambda: reference_stage(*policy.at(t - 1), pairs, recipe.train, policy))
 
     # 7. DPO on this iteration's pairs only: M_{t-1} -> M_t. 8. Save: train_stage writes the adapter of M_t.
-    stages.run(TRAIN, lambda: train_stage(*policy.at(t - 1), pair_rows, recipe.train, policy, t))
+    stages.run(TRAIN, lambda: train_stage(*policy.at(t - 1), pair_rows, recipe.train, policy, t,
+                                          on_update=lambda row: live.update(t, row)))  # the live curves, now
 
     if not dist.is_main():
         return {}
@@ -216,15 +222,20 @@ def reference_stage(model, tokenizer, pairs: list[Pair], cfg, policy) -> dict | 
     return {rundir.PAIRS: rows}
 
 
-def train_stage(model, tokenizer, pair_rows: list[dict], cfg, policy, t: int) -> dict | None:
+def train_stage(model, tokenizer, pair_rows: list[dict], cfg, policy, t: int, on_update=None) -> dict | None:
     """DPO on the pairs not skipped, from their stored reference log-probs; the adapter of M_t, the
-    per-update log and the training summary."""
+    per-update log (each row also to on_update(row) as it comes) and the training summary."""
     rows = [r for r in pair_rows if not r["skipped"]]
     examples, _ = tokenize_pairs(tokenizer, [Pair.from_row(r) for r in rows], cfg.max_length, policy.eos_id)
     refs = [(r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in rows]
     log_rows = []
+
+    def log(row):  # one optimizer update: into train_log.jsonl, and to on_update now
+        log_rows.append(row)
+        if on_update is not None:
+            on_update(row)
     result = train_adapter(model, examples, refs, tokenizer.pad_token_id, cfg, policy.device,
-                           log=log_rows.append) if examples else {"updates": 0, "epochs": [], "best_epoch": None}
+                           log=log) if examples else {"updates": 0, "epochs": [], "best_epoch": None}
     policy.trained = t  # on every rank: the gradients were summed, so every rank holds M_t
     if not dist.is_main():
         return None

@@ -64,6 +64,7 @@ TRAIN_LOG = "train_log.jsonl"  # train: one line per optimizer update
 TRAIN_SUMMARY = "train_summary.json"  # train: epochs, best epoch
 STAGES = "stages.json"  # each stage's wall time and peak memory
 SUMMARY = "summary.json"  # written last: the iteration is finished
+LOGS = "logs"  # in RUN_DIR/: live metrics (minitpo.live): TensorBoard event files or the W&B run's files
 _ITERATION = re.compile(r"iter-(\d+)")
 
 
@@ -211,10 +212,10 @@ def _not_an_adapter(path: Path) -> str:
 
 # Which stage first reads a recipe key (a section, or section.key): a resumed run may change a key until
 # that stage's output exists in some iteration. policy and data define the run (its model, its split):
-# they never change. iterations, out and evaluate may always change.
+# they never change. iterations, out, evaluate and log may always change.
 READ_BY = {"thought": CANDIDATES, "sampling": CANDIDATES, "judge": SCORES, "train.max_length": PAIRS,
            "train.batch_size": PAIRS, "train.logps_chunk": PAIRS, "train.autocast": PAIRS, "train": TRAIN_SUMMARY}
-FREE = ("iterations", "out", "evaluate")
+FREE = ("iterations", "out", "evaluate", "log")
 STAGE_OF = {CANDIDATES: "sample", SCORES: "judge", PAIRS: "pair", TRAIN_SUMMARY: "train"}
 
 
