@@ -48,6 +48,8 @@ def gguf_check(run_dir: Path, n: int) -> dict:
     from minitpo.judges.llama import quiet_stderr
     from minitpo.recipe import load_recipe
 
+    if (run_dir / "gguf_check.jsonl").exists():  # checked by an earlier call: read, not redone
+        return gguf_counts(io.read_jsonl(run_dir / "gguf_check.jsonl"))
     recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
     last = rundir.iteration_name(rundir.finished_iterations(run_dir)[-1])
     path = run_dir / f"{last}.gguf"
@@ -69,6 +71,10 @@ def gguf_check(run_dir: Path, n: int) -> dict:
         outputs.append({"instruction": row["text"], "text": text, "thinks": thinks,
                         "one_marker": thinks and marker not in response})  # the split minitpo's parser accepts
     io.write_jsonl(run_dir / "gguf_check.jsonl", outputs)
+    return gguf_counts(outputs)
+
+
+def gguf_counts(outputs: list[dict]) -> dict:
     return {"n": len(outputs), "thinks": sum(o["thinks"] for o in outputs),
             "one_marker": sum(o["one_marker"] for o in outputs)}
 
@@ -142,7 +148,7 @@ def main():
               f"| {fmt(r['constraints'], '.3f')} / {fmt(r['seed_constraints'], '.3f')} "
               f"| {fmt(r['response_chars'], '.0f')} / {fmt(r['seed_response_chars'], '.0f')} "
               f"| {' / '.join(fmt(x) for x in r['train_marker_rate'])} | {r['gguf_thinks'] or '-'} "
-              f"| {r['wall_s'] // 60:.0f} min {r['wall_s'] % 60:.0f} s |")
+              f"| {round(r['wall_s']) // 60} min {round(r['wall_s']) % 60} s |")
     rows = [{**x, "instruction_id": (r["seed"], x["instruction_id"])} for r in table for x in r["rows"]]
     pooled = win_rate_summary([x["p"] for x in rows], [x["instruction_id"] for x in rows])
     wins = [r["win_rate"] for r in table]

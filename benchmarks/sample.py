@@ -102,6 +102,9 @@ def main():
                     help="also time the engine's decode step (the run less a one-token run: prefill and first "
                          "token) and the step's matmuls alone (float32, and bf16 where the CPU has it), and print "
                          "the step's share of that bound")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --skip-generate: where the engine's decode step goes, op by op (torch.profiler: "
+                         "the call less a one-token call, per step)")
     ap.add_argument("--policy", help="a real model instead of --shape (a policy.model value), full precision")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="with --policy: the model's dtype, which the engine's sampling copy takes on CPU")
@@ -158,6 +161,11 @@ def main():
         print(f"speed-up: {rows[0][1] / rows[1][1]:.1f}x")
     if device.type == "cuda":
         print(f"allocated after release(): {gib(torch.cuda.memory_allocated())} (the policy itself)")
+    if args.profile:
+        print_step_profile(lambda n: generate_tokens(
+            model, prompts.tolist(), max_new_tokens=n, temperature=0.8, top_p=0.95, eos_token_ids=[], pad_token_id=0,
+            batch_size=args.batch, seeds=list(range(len(prompts))), cuda_graphs=not args.no_compile,
+            compile=not (args.no_compile or args.graphs_only)), args.new_tokens)
     if args.bound:
         # the engine's decode step alone: the same call with one new token is the prefill and one step
         def one_token():
@@ -174,6 +182,35 @@ def main():
             bound_s = matmul_step_seconds(model, args.batch, dtype, device)
             print(f"matmul bound {str(dtype).removeprefix('torch.'):<9} {bound_s * 1e3:8.1f} ms/step "
                   f"{args.batch / bound_s:8.0f} tok/s   engine's decode at {bound_s / step_s:.2f} of it")
+
+
+# the profile's groups: aten op -> what it is in a decode step
+OP_GROUPS = {"aten::mm": "matmul", "aten::addmm": "matmul", "aten::bmm": "matmul", "aten::sort": "top-p: sort",
+             "aten::topk": "top-p: topk", "aten::_scaled_dot_product_flash_attention_for_cpu": "attention"}
+
+
+def print_step_profile(call, new_tokens):
+    """Self CPU time per decode step by op group: a profiled call of new_tokens less a profiled call of
+    one token (the prefill and the first draw), over new_tokens - 1 steps. Under the profiler ops run
+    a little slower than without it; the shares are what this is for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def self_ms(n):
+        call(n)  # unprofiled warm-up of this length
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            call(n)
+        return {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+
+    full, one = self_ms(new_tokens), self_ms(1)
+    release()
+    per_step = {op: (ms - one.get(op, 0.0)) / (new_tokens - 1) for op, ms in full.items()}
+    groups = {}
+    for op, ms in per_step.items():
+        groups[OP_GROUPS.get(op, op)] = groups.get(OP_GROUPS.get(op, op), 0.0) + ms
+    total = sum(groups.values())
+    print(f"decode step under the profiler: {total:.1f} ms (self CPU time, all ops)")
+    for name, ms in sorted(groups.items(), key=lambda kv: -kv[1])[:14]:
+        print(f"  {name:<58}{ms:8.1f} ms  {ms / total:6.1%}")
 
 
 def matmul_step_seconds(model, batch, dtype, device, reps=5):

@@ -5,6 +5,7 @@ raises `UserError` with the key, the bad value and the fix. Reading a YAML file 
 (paths, overrides, types, files) is minitpo.recipe.
 """
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -181,6 +182,23 @@ class TrainConfig:
         _check(self.seed >= 0, "train.seed", self.seed, "use 0 or more")
 
 
+def installed(package: str) -> bool:
+    """Whether `package` can be imported here, found without importing it."""
+    return importlib.util.find_spec(package) is not None
+
+
+def _default_log() -> str:
+    # Resolved when the recipe is read, so recipe.yaml records what the run logged to
+    return "tensorboard" if installed("tensorboard") else "none"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    to: Literal["tensorboard", "wandb", "none"] = field(default_factory=_default_log)  # live metrics (minitpo/live.py):
+    #   TensorBoard event files in RUN_DIR/logs/, or a Weights & Biases run (WANDB_PROJECT, WANDB_MODE as
+    #   wandb reads them); default tensorboard when the package is installed, else none
+
+
 @dataclass(frozen=True)
 class Recipe:
     policy: PolicyConfig
@@ -189,6 +207,7 @@ class Recipe:
     thought: ThoughtConfig = field(default_factory=ThoughtConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     iterations: int = 4  # paper: 4
     evaluate: bool = False  # after the last iteration, `minitpo eval` it against the seed (held-out win rate)
     out: str | None = None  # run directory; default runs/<recipe name>

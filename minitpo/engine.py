@@ -69,6 +69,7 @@ class SlotCache:
         self.n_slots, self.n_cols, self.cols = n_slots, n_cols, cols  # cols: (B,) the slots' `cur`
         self.rows = None  # (n,) slot ids during prefill, None during decode
         self.n_keys = n_cols  # decode attends to columns [0, n_keys): the filled ones, not the whole cache
+        self.n_rows = n_slots  # decode computes slots [0, n_rows) (eager steps at the tail: `_compact`)
         self.k, self.v = {}, {}
 
     def copy_rows(self, src, dst, width: int) -> None:
@@ -81,12 +82,12 @@ class SlotCache:
             shape = (self.n_slots, k.shape[1], self.n_cols, k.shape[3])
             self.k[layer_idx] = k.new_zeros(shape)  # zeros, not empty: masked columns must be finite
             self.v[layer_idx] = v.new_zeros(shape)
-        K, V = self.k[layer_idx], self.v[layer_idx]
+        K, V = self.k[layer_idx][: self.n_rows], self.v[layer_idx][: self.n_rows]  # views: writes land
         if self.rows is not None:  # prefill attends within its own block only
             K[:, :, : k.shape[2]].index_copy_(0, self.rows, k)
             V[:, :, : v.shape[2]].index_copy_(0, self.rows, v)
             return k, v
-        idx = self.cols.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])  # (B, H_kv, 1, D)
+        idx = self.cols[: self.n_rows].view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])  # (B, H_kv, 1, D)
         K.scatter_(2, idx, k)
         V.scatter_(2, idx, v)
         return K[:, :, :self.n_keys], V[:, :, :self.n_keys]
@@ -110,6 +111,21 @@ class _Slots:
     is_stop: torch.Tensor  # (V,) bool: the token ends a sequence once it has written text (stop_ids)
     is_blank: torch.Tensor  # (V,) bool: the token writes only whitespace (or nothing)
     wrote: torch.Tensor  # (B,) bool: the slot has drawn a token that is not blank
+
+    PER_SLOT = ("tokens", "start", "cur", "n_gen", "active", "eos_hit", "uniforms", "out", "wrote")
+
+    def head(self, n: int) -> "_Slots":
+        """The first n slots: views, so a step on them updates these tensors in place."""
+        return _Slots(**{f: getattr(self, f)[:n] if f in self.PER_SLOT else getattr(self, f)
+                         for f in self.__dataclass_fields__})
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Slots src's state into slots dst; src left idle."""
+        for f in self.PER_SLOT:
+            t = getattr(self, f)
+            t.index_copy_(0, dst, t[src])
+        for t in (self.active, self.cur, self.start):
+            t.index_fill_(0, src, 0)
 
 
 @dataclass
@@ -473,6 +489,37 @@ def generate_tokens(model, prompt_ids, *, max_new_tokens, temperature, top_p, eo
         e.lm.train(was_training)
 
 
+def _steps(e, rows: int, steps: int, n_keys: int) -> None:
+    """`steps` decode steps over the first `rows` slots (every slot under CUDA graphs)."""
+    full = e.slots
+    if rows < full.cur.shape[0]:
+        e.slots, e.cache.n_rows, e.cache.cols = full.head(rows), rows, full.cur[:rows]
+    try:
+        for _ in range(steps):
+            _step(e, n_keys)
+    finally:
+        e.slots, e.cache.n_rows, e.cache.cols = full, full.cur.shape[0], full.cur
+
+
+def _compact(e, busy, owner, left, pos):
+    """Move the busy slots to the lowest rows, so an eager step computes len(busy) rows, not n_slots:
+    on a CPU a step's time grows with its rows, and at the end of a call the last few sequences
+    would otherwise pay for every slot. A sequence's tokens don't depend on its row (its draws
+    come from its own seed). Returns the busy slots after the move."""
+    n = len(busy)
+    src = [b for b in busy if b >= n]
+    if not src:
+        return busy
+    dst = [r for r in range(n) if owner[r] < 0][: len(src)]
+    src_t, dst_t = torch.tensor(src, device=e.slots.cur.device), torch.tensor(dst, device=e.slots.cur.device)
+    e.cache.copy_rows(src_t, dst_t, min(e.cache.n_cols, max(pos[b] for b in src) + 1))
+    e.slots.move(src_t, dst_t)
+    for b, r in zip(src, dst):
+        owner[r], left[r], pos[r] = owner[b], left[b], pos[b]
+        owner[b], pos[b] = -1, 0
+    return list(range(n))
+
+
 def _run(e, prompt_ids, max_new, seeds, progress):
     s, n_slots = e.slots, e.slots.cur.shape[0]
     table = uniform_table(seeds, max_new) if e.temperature > 0 else torch.zeros(len(prompt_ids), max_new)
@@ -495,11 +542,13 @@ def _run(e, prompt_ids, max_new, seeds, progress):
         busy = [b for b in range(n_slots) if owner[b] >= 0]
         if not busy:
             return results
+        if e.graphs is None and not queue:  # the tail, stepped eagerly: compute only the busy slots
+            busy = _compact(e, busy, owner, left, pos)
+        n_rows = n_slots if e.graphs is not None else max(busy) + 1
         steps = min(SYNC_EVERY, max(left[b] for b in busy))
         # these steps write and read columns up to max(pos) + steps - 1: attend to that many, rounded up
         n_keys = min(e.cache.n_cols, -(-(max(pos[b] for b in busy) + steps) // KEY_BLOCK) * KEY_BLOCK)
-        for _ in range(steps):
-            _step(e, n_keys)
+        _steps(e, n_rows, steps, n_keys)
         for b in busy:
             left[b] -= steps
             pos[b] += steps

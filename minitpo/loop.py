@@ -15,6 +15,7 @@ killed run resumes from the last finished stage. The run directory is the source
   iter-N/train_log.jsonl   train    one line per optimizer update
   iter-N/train_summary.json train   epochs, best epoch (written last: marks training done)
   iter-N/summary.json      the iteration's numbers (written last: marks the iteration done)
+  logs/                    live metrics per update and per iteration (log.to: minitpo/live.py)
 
 Under torchrun (minitpo/dist.py) every rank runs this same code: each samples, judges and scores
 reference log-probs for its share, rank 0 writes every file above from the gathered results (so the
@@ -37,6 +38,7 @@ from minitpo.recipe import recipe_to_dict
 from minitpo.evaluate import held_out_warning
 from minitpo.data import Instruction, read_instructions, split_instructions
 from minitpo.judges.llama import load_prompt_template
+from minitpo.live import Live
 from minitpo.device import free_memory, pick_device
 from minitpo.model import context_length, enable_checkpointing, load_policy, load_tokenizer, save_adapter
 from minitpo.pairs import Pair, auto_rho, build_pairs, by_instruction, control_length
@@ -83,14 +85,16 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
             if recipe.evaluate and (warning := held_out_warning(recipe.data.held_out)):  # before the hours, too
                 click.echo(f"warning: {warning}", err=True)
         dist.on_main(setup)  # rank 0 alone holds the lock and writes; a refusal stops every rank
+        live = held.enter_context(Live(recipe.log.to, out, recipe_to_dict(recipe), main=dist.is_main()))
 
         policy = Policy(recipe, out)
         for t, instructions in enumerate(slices[:recipe.iterations], start=1):
             it = rundir.iteration_dir(out, t)
             if dist.broadcast((it / rundir.SUMMARY).exists()):
                 continue
-            summary = run_iteration(t, it, instructions, template, recipe, policy)
+            summary = run_iteration(t, it, instructions, template, recipe, policy, live)
             if dist.is_main():
+                live.iteration(t, summary)
                 write_summary(out, t, summary)
                 click.echo(summary_line(summary))
                 for warning in summary["warnings"]:  # an iteration that trained on nothing says so
@@ -135,7 +139,8 @@ def _judge_check(out: Path, recipe: Recipe) -> None:
         click.echo(warning(checked), err=True)
 
 
-def run_iteration(t: int, it: Path, instructions: list[Instruction], template, recipe: Recipe, policy) -> dict:
+def run_iteration(t: int, it: Path, instructions: list[Instruction], template, recipe: Recipe, policy,
+                  live: Live) -> dict:
     times = io.read_json(it / "stages.json") if (it / "stages.json").exists() else {}
     main = dist.is_main()
 
@@ -227,8 +232,12 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
         examples, _ = tokenize_pairs(tokenizer, pairs, recipe.train.max_length, policy.eos_id)
         refs = [(r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in rows]
         log_rows = []
+
+        def log(row):  # one optimizer update: into train_log.jsonl, and onto the live curves now
+            log_rows.append(row)
+            live.update(t, row)
         result = train_adapter(model, examples, refs, tokenizer.pad_token_id, recipe.train, policy.device,
-                               log=log_rows.append) if examples else {"updates": 0, "epochs": [], "best_epoch": None}
+                               log=log) if examples else {"updates": 0, "epochs": [], "best_epoch": None}
         policy.trained = t  # on every rank: the gradients were summed, so every rank holds M_t
         if main:
             save_adapter(model, it / "adapter")

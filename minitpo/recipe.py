@@ -20,7 +20,7 @@ from typing import Literal
 
 import yaml
 
-from minitpo.config import Recipe
+from minitpo.config import Recipe, installed
 from minitpo.errors import UserError
 
 # Models shipped inside a PyPI package (the demo's), by package name -> (importable package, file in it).
@@ -65,7 +65,16 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
     if check_files:
         _check_trainable(recipe)
         _check_files(recipe)
+        _check_log(recipe)
     return recipe
+
+
+def _check_log(recipe: Recipe) -> None:
+    """log.to names a package that must be importable (a finished run's recipe.yaml is not checked)."""
+    to = recipe.log.to
+    if to != "none" and not installed(to):
+        raise UserError(f"log.to: {to!r} needs the {to} package, which is not installed; pip install {to} "
+                        '(or pip install -e ".[log]"), or set log.to=none')
 
 
 def _check_trainable(recipe: Recipe) -> None:

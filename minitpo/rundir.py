@@ -47,6 +47,7 @@ MARKER = ".minitpo"  # written when a run claims its directory: --fresh deletes 
 SUMMARY = "summary.json"  # in iter-N/, written last: the iteration is finished
 METRICS = "metrics.jsonl"  # in RUN_DIR/: the finished summaries, in order
 ADAPTER = "adapter"  # in iter-N/: the LoRA adapter of model N
+LOGS = "logs"  # in RUN_DIR/: live metrics (minitpo.live): TensorBoard event files or the W&B run's files
 _ITERATION = re.compile(r"iter-(\d+)")
 
 
@@ -175,11 +176,11 @@ def _not_an_adapter(path: Path) -> str:
 
 # Which stage first reads a recipe key (a section, or section.key): a resumed run may change a key until
 # that stage's output exists in some iteration. policy and data define the run (its model, its split):
-# they never change. iterations, out and evaluate may always change.
+# they never change. iterations, out, evaluate and log may always change.
 READ_BY = {"thought": "candidates.jsonl", "sampling": "candidates.jsonl", "judge": "scores.jsonl",
            "train.max_length": "pairs.jsonl", "train.batch_size": "pairs.jsonl", "train.logps_chunk": "pairs.jsonl",
            "train.autocast": "pairs.jsonl", "train": "train_summary.json"}
-FREE = ("iterations", "out", "evaluate")
+FREE = ("iterations", "out", "evaluate", "log")
 STAGE_OF = {"candidates.jsonl": "sample", "scores.jsonl": "judge", "pairs.jsonl": "pair", "train_summary.json": "train"}
 
 

@@ -175,7 +175,7 @@ def test_arena_hard_with_a_judge_override(tiny_run, fixtures):
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((run / "bench" / "arena_hard.json").read_text())["models"]["seed"]
     assert saved["judge"]["type"] == "python" and saved["n"] == 2
-    assert set(saved["categories"]) <= {"math", "creative_writing"}
+    assert set(saved["categories"]) == {"math", "creative_writing"}  # one prompt each, a format failure included
     assert "| seed | 2 |" in result.stdout and "python minitpo.verifiable:score" in result.stdout
 
 

@@ -76,6 +76,21 @@ def test_greedy_candidates_do_not_depend_on_the_number_of_processes(tmp_path):
     assert (tmp_path / "one/iter-1/candidates.jsonl").read_text() == (tmp_path / "two/iter-1/candidates.jsonl").read_text()
 
 
+def test_rank_0_alone_logs_the_live_curves(runs):
+    """Under torchrun one event file per kind (rank 1 writes none), holding the train log's loss. Before
+    test_one_process_resumes_a_two_process_run, whose process adds its own files to the same run."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, two, _, _ = runs
+    assert len(list((two / "logs" / "train").iterdir())) == 1 and len(list((two / "logs" / "iteration").iterdir())) == 1
+    acc = EventAccumulator(str(two / "logs" / "train"), size_guidance={"scalars": 0})
+    acc.Reload()
+    logged = rows(two / "iter-1" / "train_log.jsonl")
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == \
+        [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in logged]
+
+
 def test_one_process_resumes_a_two_process_run(runs):
     _, two, _, _ = runs
     before = (two / "iter-1" / "candidates.jsonl").stat().st_mtime_ns
@@ -96,3 +111,4 @@ def test_a_user_error_stops_every_process_in_one_line(tmp_path):
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and "holds a run of a different recipe" in ours[0], result.stderr[-2000:]
+

@@ -40,12 +40,12 @@ def tiny(kind, seed=0):
     return Gemma3ForCausalLM(cfg).eval()
 
 
-def hf_greedy(model, prompts, eos):
+def hf_greedy(model, prompts, eos, max_new=MAX_NEW):
     """`generate` on a left-padded batch, cut at the first EOS: [(new tokens, stopped at EOS)]."""
     width = max(map(len, prompts))
     ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
                          eos_token_id=eos or None, pad_token_id=PAD)[:, width:].tolist()
     result = []
     for row in out:
@@ -54,10 +54,10 @@ def hf_greedy(model, prompts, eos):
     return result
 
 
-def pick_eos(model, prompts):
+def pick_eos(model, prompts, max_new=MAX_NEW):
     """A token that greedy decoding emits mid-sequence for some prompts but not all, so the
     comparison covers both EOS stops and max_new_tokens cuts."""
-    rows = [r for r, _ in hf_greedy(model, prompts, [])]
+    rows = [r for r, _ in hf_greedy(model, prompts, [], max_new)]
     for tok in sorted({t for r in rows for t in r[1:-1]}):
         if 0 < sum(tok in r[1:] for r in rows) < len(rows):
             return [tok]
@@ -157,6 +157,46 @@ def test_continuous_batching_changes_nothing():
                           pad_token_id=PAD, batch_size=3, seeds=[0] * len(PROMPTS), progress=done.append)
     assert out == one_batch == hf_greedy(model, PROMPTS, eos)
     assert sum(done) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_the_tail_steps_only_the_busy_slots(kind):
+    """On CPU, once no prompt waits, the running sequences move to the lowest slots and a decode step
+    computes only them (a step's time grows with its rows): 40 new tokens with an EOS that ends some
+    sequences early, so rows are compacted at a host sync (every engine.SYNC_EVERY steps). Greedy
+    tokens stay transformers' own; sampled tokens stay those each prompt draws alone."""
+    model = tiny(kind)
+    max_new = 40
+    assert max_new > 2 * engine.SYNC_EVERY
+    eos = pick_eos(model, PROMPTS, max_new)
+    rows = []  # the batch size of each decode forward (one new token per row)
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(module, torch.nn.Embedding) and ids is not None and ids.shape[-1] == 1:
+            rows.append(ids.shape[0])
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: count(m, a, {}))
+    try:
+        out = generate_tokens(model, PROMPTS, max_new_tokens=max_new, temperature=0.0, top_p=1.0, eos_token_ids=eos,
+                              pad_token_id=PAD, batch_size=8, seeds=[0] * len(PROMPTS))
+    finally:
+        handle.remove()
+    expected = hf_greedy(model, PROMPTS, eos, max_new)
+    assert out == expected
+    still_running = [sum(len(toks) + stopped > n for toks, stopped in expected) for n in range(max_new)]
+    assert rows[0] == 8 and min(rows) < 8 and sum(rows) < 8 * len(rows)
+    # a step computes at least the sequences that still need it, and after a sync no more rows than ran
+    assert all(r >= still_running[i] for i, r in enumerate(rows))
+    assert all(r <= max(still_running[i - i % engine.SYNC_EVERY], 1) for i, r in enumerate(rows))
+
+    kw = dict(max_new_tokens=max_new, temperature=0.8, top_p=0.95, eos_token_ids=eos, pad_token_id=PAD)
+    seeds = [7 + i for i in range(len(PROMPTS))]
+    together = generate_tokens(model, PROMPTS, batch_size=8, seeds=seeds, **kw)
+    alone = [generate_tokens(model, [p], batch_size=1, seeds=[s], **kw)[0] for p, s in zip(PROMPTS, seeds)]
+    assert together == alone
+    assert len({len(t) for t, _ in together}) > 1  # sequences ended at different steps
+    release()
 
 
 def hf_probs(logits, temperature, top_p):

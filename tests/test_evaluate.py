@@ -21,6 +21,20 @@ def minitpo(*args):
                           capture_output=True, text=True, timeout=900)
 
 
+def hand_verdict(p):
+    """A win, a tie or a loss, by hand: p above, at or below one half."""
+    return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
+
+
+def plain_bootstrap(verdicts, resamples=2000, seed=0):
+    """An independent percentile bootstrap of the mean (a plain loop over numpy's generator), with the
+    documented defaults: 2000 resamples, seed 0, a 95% interval."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(verdicts), size=(resamples, len(verdicts)))
+    means = sorted(sum(verdicts[j] for j in row) / len(row) for row in idx)
+    return np.percentile(means, 2.5), np.percentile(means, 97.5)
+
+
 # ---------------------------------------------------------------- arithmetic
 
 def test_verdicts_count_ties_as_half():
@@ -33,16 +47,31 @@ def test_verdicts_count_ties_as_half():
 
 @pytest.mark.parametrize("ps, flagged", [([0.9], True), ([0.9, 0.1] * 4 + [0.9], True), ([0.9, 0.1] * 5, False)])
 def test_an_interval_over_too_few_items_says_so(ps, flagged):
-    """One win gives "1.000 (95% CI 1.000-1.000)": an interval that means nothing is flagged, by n."""
+    """An interval over fewer than 10 items is flagged, by n, on the overall rate and on each category's."""
     from minitpo.evaluate import ci_text, summary_text
 
     s = win_rate_summary(ps)
-    assert ci_text(s).endswith(f"n {len(ps)}: too few items for an interval") == flagged
     r = {"model": "iter-1", "against": "seed", **s, "ties": 0, "parse_rate": {"iter-1": 1.0, "seed": 1.0},
          "response_chars": {"iter-1": 10, "seed": 10}, "categories": {"poem": {**s}}}
     text = summary_text(r)
-    assert (f"(95% CI {s['ci_low']:.3f}-{s['ci_high']:.3f}, n {len(ps)}: too few items for an interval)" in text) == flagged
-    assert (f"  poem: {s['win_rate']:.3f} ({s['ci_low']:.3f}-{s['ci_high']:.3f}, n {len(ps)}: too few" in text) == flagged
+    note = f"n {len(ps)}: too few items for an interval"
+    assert ci_text(s).endswith(note) == flagged
+    assert text.count(note) == (2 if flagged else 0)  # the overall line and the category's
+    poem = next(line for line in text.splitlines() if line.startswith("  poem: "))
+    assert poem.endswith(f"{note})" if flagged else ", n 10")
+
+
+def test_one_win_is_a_point_interval_and_flagged():
+    """One win gives "1.000 (95% CI 1.000-1.000)": an interval that means nothing, so it says so."""
+    from minitpo.evaluate import ci_text, summary_text
+
+    s = win_rate_summary([0.9])
+    assert ci_text(s) == "95% CI 1.000-1.000, n 1: too few items for an interval"
+    r = {"model": "iter-1", "against": "seed", **s, "ties": 0, "parse_rate": {"iter-1": 1.0, "seed": 1.0},
+         "response_chars": {"iter-1": 10, "seed": 10}, "categories": {"poem": {**s}}}
+    assert summary_text(r).splitlines()[0] == ("iter-1 vs seed: win rate 1.000 (95% CI 1.000-1.000, n 1: too few "
+                                               "items for an interval) over 1 instructions, mean p 0.900, ties 0")
+    assert "  poem: 1.000 (1.000-1.000, n 1: too few items for an interval)" in summary_text(r)
 
 
 def test_evaluate_with_few_held_out_instructions_warns_with_the_interval_width():
@@ -64,17 +93,16 @@ def test_bootstrap_interval_matches_an_independent_resampling_and_contains_the_e
     verdicts = [1.0] * 30 + [0.5] * 10 + [0.0] * 20
     low, high = bootstrap_interval(verdicts, resamples=2000, seed=0)
     estimate = np.mean(verdicts)
-    assert 0 <= low < estimate < high <= 1
+    assert low < estimate < high
     # Independent check: a plain-loop percentile bootstrap with the same generator gives the same ends.
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, len(verdicts), size=(2000, len(verdicts)))
-    means = sorted(sum(verdicts[j] for j in row) / len(row) for row in idx)
-    assert low == pytest.approx(np.percentile(means, 2.5)) and high == pytest.approx(np.percentile(means, 97.5))
+    assert (low, high) == pytest.approx(plain_bootstrap(verdicts, 2000, 0))
     # The normal approximation of a mean's 95% interval is close to it at n = 60.
     half = 1.96 * np.std(verdicts) / np.sqrt(len(verdicts))
     assert low == pytest.approx(estimate - half, abs=0.03) and high == pytest.approx(estimate + half, abs=0.03)
-    # Seeded: the same call twice gives the same interval; a single verdict gives a point.
-    assert bootstrap_interval(verdicts) == bootstrap_interval(verdicts)
+    # The defaults are the documented ones (2000 resamples, seed 0), so a result can be reproduced; another
+    # seed moves the ends. A single verdict gives a point.
+    assert bootstrap_interval(verdicts) == pytest.approx(plain_bootstrap(verdicts))
+    assert bootstrap_interval(verdicts, seed=1) != pytest.approx(plain_bootstrap(verdicts))
     assert bootstrap_interval([0.5]) == (0.5, 0.5)
 
 
@@ -100,8 +128,8 @@ def test_aggregate_splits_by_category_and_reports_both_models():
     assert cats["explain"]["win_rate"] == 0.0 and cats["explain"]["ci_high"] == 0.0
     assert cats["uncategorized"] == {"n": 1, "win_rate": 1.0, "ci_low": 1.0, "ci_high": 1.0, "mean_p": 0.7,
                                      "length_controlled": None}  # one instruction: nothing to regress
-    for c in cats.values():
-        assert 0 <= c["ci_low"] <= c["win_rate"] <= c["ci_high"] <= 1
+    # the interval resamples the category's own verdicts: story's 1, 0.5 and 1 (the failure of "seed" loses)
+    assert (cats["story"]["ci_low"], cats["story"]["ci_high"]) == pytest.approx(plain_bootstrap([1.0, 0.5, 1.0]))
 
 
 # ---------------------------------------------------------------- user errors (no model loads)
@@ -133,35 +161,43 @@ def evaluated(tiny_run):
 
 
 def test_eval_writes_a_win_rate_with_its_interval(evaluated):
+    """Every number of the result, recomputed here from the rows it was made from."""
     run, result = evaluated
     r = json.loads((run / "eval" / "iter-1-vs-seed.json").read_text())
-    assert {"model", "against", "n", "win_rate", "ci_low", "ci_high", "mean_p", "parse_rate",
-            "response_chars", "categories"} <= set(r)
-    assert (r["model"], r["against"], r["n"]) == ("iter-1", "seed", 8)
-    assert 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1
-    assert 0 <= r["mean_p"] <= 1
-    assert set(r["parse_rate"]) == set(r["response_chars"]) == {"iter-1", "seed"}
-    assert sum(c["n"] for c in r["categories"].values()) == 8
-    for c in r["categories"].values():
-        assert {"n", "win_rate", "ci_low", "ci_high"} <= set(c)
-        assert 0 <= c["ci_low"] <= c["win_rate"] <= c["ci_high"] <= 1
-    assert "win rate" in result.stdout and "iter-1 vs seed" in result.stdout
+    rows = [json.loads(line) for line in open(run / "eval" / "iter-1-vs-seed.jsonl")]
+    assert (r["model"], r["against"], r["n"], len(rows)) == ("iter-1", "seed", 8, 8)
+    verdicts = [hand_verdict(x["p"]) for x in rows]
+    assert r["win_rate"] == pytest.approx(np.mean(verdicts)) and r["mean_p"] == pytest.approx(np.mean([x["p"] for x in rows]))
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx(plain_bootstrap(verdicts))
+    assert r["parse_rate"] == {"iter-1": pytest.approx(np.mean([x["model_parsed"] for x in rows])),
+                               "seed": pytest.approx(np.mean([x["against_parsed"] for x in rows]))}
+    assert r["ties"] == sum(x["p"] == 0.5 for x in rows) and r["judged"] == sum(x["judged"] for x in rows)
+    by_category = {}
+    for x in rows:
+        by_category.setdefault(x["category"] or "uncategorized", []).append(hand_verdict(x["p"]))
+    assert {c: (v["n"], v["win_rate"]) for c, v in r["categories"].items()} == {
+        c: (len(v), pytest.approx(np.mean(v))) for c, v in by_category.items()}
+    assert f"iter-1 vs seed: win rate {np.mean(verdicts):.3f}" in result.stdout
 
 
 def test_eval_rows_hide_thoughts_and_failures_lose(evaluated):
+    """Each row's p, by hand: a format failure loses to a parsed response and two failures tie, without
+    the judge; so do two identical responses; the judge decides every other row, with a p of its own."""
     run, _ = evaluated
     rows = [json.loads(line) for line in open(run / "eval" / "iter-1-vs-seed.jsonl")]
     held = {json.loads(line)["id"] for line in open(run / "held_out.jsonl")}
     assert len(rows) == 8 and {r["instruction_id"] for r in rows} == held
     for r in rows:
-        assert 0 <= r["p"] <= 1
         assert "Here is my response:" not in r["model_response"] + r["against_response"]
-        if r["model_parsed"] and r["against_parsed"] and r["model_response"] == r["against_response"]:
-            assert not r["judged"] and r["p"] == 0.5  # identical responses tie without the judge
-        if not r["model_parsed"] or not r["against_parsed"]:  # decided by format, not by the judge
-            assert not r["judged"]
-            assert r["p"] == (0.5 if r["model_parsed"] == r["against_parsed"] else float(r["model_parsed"]))
-            assert r["model_parsed"] or r["model_response"] == ""
+        assert r["model_parsed"] or r["model_response"] == ""
+        assert r["against_parsed"] or r["against_response"] == ""
+        if not (r["model_parsed"] and r["against_parsed"]):
+            expected = 0.5 if r["model_parsed"] == r["against_parsed"] else float(r["model_parsed"])
+            assert (r["judged"], r["p"]) == (False, expected)
+        elif r["model_response"] == r["against_response"]:
+            assert (r["judged"], r["p"]) == (False, 0.5)
+        else:  # the GGUF judge's two-order average: a probability strictly inside (0, 1), never exactly a tie
+            assert r["judged"] and 0 < r["p"] < 1 and r["p"] != 0.5
 
 
 def test_report_plots_the_eval(evaluated):
@@ -170,9 +206,9 @@ def test_report_plots_the_eval(evaluated):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "report" / "win_rate.png").is_file()
     # the held-out marker rate of the eval joins iteration 1's row of the table
-    r = json.loads((run / "eval" / "iter-1-vs-seed.json").read_text())
+    rows = [json.loads(line) for line in open(run / "eval" / "iter-1-vs-seed.jsonl")]
     row = next(line for line in (run / "report.md").read_text().splitlines() if line.startswith("| 1 "))
-    assert row.split("|")[5] == f" {r['marker_rate']['iter-1']:.2f} "
+    assert row.split("|")[5] == f" {np.mean([x['model_marker'] for x in rows]):.2f} "  # recounted from the rows
 
 
 def test_eval_user_errors_through_the_cli(tiny_run):
@@ -206,10 +242,15 @@ def test_eval_with_a_pointwise_judge_lets_the_higher_score_win(tiny_run, tmp_pat
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     result = evaluate(run)
     rows = [json.loads(line) for line in open(run / "eval" / "iter-1-vs-seed.jsonl")]
-    for r in (r for r in rows if r["judged"]):  # the tiny model may leave none: see the next test
+    assert len(rows) == 8
+    for r in rows:  # every row's p by hand: the format rule, else the length judge
         a, b = len(r["model_response"]), len(r["against_response"])
-        assert r["p"] == (1.0 if a > b else 0.5 if a == b else 0.0)
-    assert result["win_rate"] == pytest.approx(np.mean([verdict(r["p"]) for r in rows]))
+        if not (r["model_parsed"] and r["against_parsed"]):
+            expected = 0.5 if r["model_parsed"] == r["against_parsed"] else float(r["model_parsed"])
+        else:
+            expected = 1.0 if a > b else 0.5 if a == b else 0.0
+        assert r["p"] == expected, r
+    assert result["win_rate"] == pytest.approx(np.mean([hand_verdict(r["p"]) for r in rows]))
 
 
 def test_judge_pairs_with_a_pointwise_judge_by_hand(tmp_path):

@@ -107,12 +107,11 @@ def prompt(instruction_id, kwargs, key=1):
             "kwargs": [kwargs]}
 
 
+@pytest.mark.skipif(not (suites._wheel_tasks() and (suites._wheel_tasks() / suites.SOURCES["ifeval"][2]).is_file()),
+                    reason="the bench extra, which bundles the IFEval prompts, is not installed")
 def test_cases_cover_every_instruction_id_of_the_suite():
-    ids = {i for i, *_ in CASES}
-    assert len(ids) == 25
-    if suites._wheel_tasks() and (suites._wheel_tasks() / suites.SOURCES["ifeval"][2]).is_file():
-        used = {i for p in suites.load_suite("ifeval") for i in p["instruction_id_list"]}
-        assert used == ids
+    used = {i for p in suites.load_suite("ifeval") for i in p["instruction_id_list"]}
+    assert len(used) == 25 and {i for i, *_ in CASES} == used
 
 
 @needs_checkers

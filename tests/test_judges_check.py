@@ -80,6 +80,25 @@ def test_bad_user_set_names_the_line(tmp_path):
         load_preference_set(tmp_path / "bad.jsonl")
 
 
+def test_at_chance_and_the_warnings_on_hand_made_results():
+    """The interval reaching 0.5 is "at chance"; a pairwise judge that keeps its winner across the two
+    orders less than half the time judges by position. Both are warned about, each on its own."""
+    def result(accuracy, ci_low, ci_high, consistency=None):
+        r = {"n": 40, "accuracy": accuracy, "ci_low": ci_low, "ci_high": ci_high, "responses_per_s": 1.0,
+             "kinds": {}}
+        return r if consistency is None else {**r, "position_consistency": consistency}
+
+    assert at_chance(result(0.55, 0.45, 0.65)) and at_chance(result(0.6, 0.5, 0.7))
+    assert not at_chance(result(0.8, 0.51, 0.9))
+    chance = "warning: the judge cannot be told from chance (accuracy 0.55, 95% CI reaches 0.45)"
+    position = "warning: the pairwise judge picks the same winner in both orders only 0.40 of the time"
+    assert chance in summary_text(result(0.55, 0.45, 0.65))
+    assert "warning" not in summary_text(result(0.8, 0.7, 0.9)) + summary_text(result(0.8, 0.7, 0.9, 0.5))
+    text = summary_text(result(0.8, 0.7, 0.9, 0.4))
+    assert position in text and "cannot be told from chance" not in text
+    assert "  position consistency: 0.400" in text
+
+
 @pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
 def test_gguf_judges_report_verdict_mass_and_consistency(mode):
     cfg = JudgeConfig(type="llama_cpp", mode=mode, model=str(TINY / "judge.gguf"), n_ctx=1024, n_gpu_layers=0)
@@ -87,13 +106,26 @@ def test_gguf_judges_report_verdict_mass_and_consistency(mode):
     result = check_judge(cfg, items, progress=False)
     assert result["n"] == 12 and 0 < result["verdict_mass"] < 1  # a random tiny judge: some mass, not all
     if mode == "pairwise":
-        assert 0 <= result["position_consistency"] <= 1 and result["position_consistency"] is not None
-        biased = "it judges by position" in summary_text(result)
-        assert biased == (result["position_consistency"] < 0.5)
-    assert at_chance(result) == (result["ci_low"] <= 0.5)
+        # by hand from the judge's verdicts in both orders: the same response wins both, or both tie
+        from minitpo.judges.pairwise import pairwise_verdicts
+
+        prompts = [it.prompt for it in items]
+        ab = pairwise_verdicts(cfg, prompts, [it.chosen for it in items], [it.rejected for it in items])
+        ba = pairwise_verdicts(cfg, prompts, [it.rejected for it in items], [it.chosen for it in items])
+        same = [(x > 0.5 and y < 0.5) or (x < 0.5 and y > 0.5) or x == y == 0.5 for x, y in zip(ab, ba)]
+        assert result["position_consistency"] == pytest.approx(sum(same) / 12)
+    else:
+        assert "position_consistency" not in result
 
 
 def test_judge_check_in_a_run_is_saved_and_warns_at_chance(tmp_path):
+    """The rule judge on the sanity set: no sanity instruction asks for a constraint it checks, so it gives
+    every answer the same score (checked here) and every item ties: accuracy 0.5, interval (0.5, 0.5),
+    at chance, and the run warns."""
+    from minitpo import verifiable
+
+    assert {verifiable.score(it.prompt, text) for it in sanity_items() for text in (it.chosen, it.rejected)} == {
+        verifiable.NO_CONSTRAINT_SCORE}
     out = tmp_path / "run"
     result = minitpo("run", "recipes/tiny.yaml", "--out", out, "iterations=1", "judge.check=true",
                      "judge.type=python", "judge.function=minitpo.verifiable:score", "train.epochs=1",
@@ -101,5 +133,6 @@ def test_judge_check_in_a_run_is_saved_and_warns_at_chance(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.load(open(out / "judge_check.json"))
     assert saved["n"] == 256 and set(saved["kinds"]) == set(KINDS)
-    assert ("warning: the judge cannot be told from chance" in result.stderr) == (saved["ci_low"] <= 0.5)
-    assert f"judge-check: accuracy {saved['accuracy']:.3f}" in result.stdout
+    assert (saved["accuracy"], saved["ci_low"], saved["ci_high"]) == (0.5, 0.5, 0.5)
+    assert "warning: the judge cannot be told from chance (accuracy 0.50, 95% CI reaches 0.50)" in result.stderr
+    assert "judge-check: accuracy 0.500 (95% CI 0.500-0.500) over 256 items" in result.stdout

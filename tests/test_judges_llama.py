@@ -179,17 +179,41 @@ def test_custom_prompt_template(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- llama.cpp
 
+def _scores_by_hand(path, prompts) -> list[tuple[float, float]]:
+    """(score, score_mass) of each prompt text, computed here from llama.cpp's raw logits: the whole
+    text tokenized at once (special tokens on: the chat turn's markers; the texts hold no others), one
+    fresh evaluation each, then a softmax over the vocabulary in float64. Digit d is the byte token
+    3 + ord(d) of write_tiny_gguf's vocabulary (3 control tokens, then the 256 bytes in order)."""
+    from llama_cpp import Llama
+
+    digit_ids = [3 + ord(d) for d in "123456789"]
+    llm = Llama(model_path=str(path), n_ctx=2048, logits_all=True, verbose=False)
+    out = []
+    try:
+        for text in prompts:
+            tokens = llm.tokenize(text.encode(), add_bos=not text.startswith("<s>"), special=True)
+            llm.reset()
+            llm.eval(tokens)
+            logits = np.array(llm.scores[len(tokens) - 1], dtype=np.float64)
+            p = np.exp(logits - logits.max())
+            p /= p.sum()
+            digits = p[digit_ids]
+            out.append((float(np.dot(digits, np.arange(1, 10)) / digits.sum()), float(digits.sum())))
+    finally:
+        llm.close()
+    return out
+
+
 @pytest.mark.parametrize("kind", ["plain", "chat"])
-def test_scores_in_range_and_deterministic(ggufs, kind):
-    cfg = Cfg(model=str(ggufs[kind]))
+def test_scores_match_a_computation_from_raw_logits(ggufs, kind):
     instructions, responses = _groups(2, 3)
-    first = judge.score_responses(cfg, instructions, responses, progress=False)
-    again = _scores(cfg, instructions, responses, progress=False)
-    scores = [r["score"] for r in first]
-    assert all(1.0 <= s <= 9.0 for s in scores)
-    assert all(0.0 < r["score_mass"] < 1.0 for r in first)
-    assert np.allclose(scores, again, atol=1e-6, rtol=0)
-    assert np.ptp(scores) > 1e-3  # a random judge still tells responses apart
+    results = judge.score_responses(Cfg(model=str(ggufs[kind])), instructions, responses, progress=False)
+    turn = judge.chat_turn(CHAT_TEMPLATE, "<s>", "</s>") if kind == "chat" else None
+    expected = _scores_by_hand(ggufs[kind], [_prompt_text(judge.JUDGE_PROMPT, i, r, turn)
+                                             for i, r in zip(instructions, responses)])
+    assert [r["score"] for r in results] == pytest.approx([s for s, _ in expected], abs=1e-4)
+    assert [r["score_mass"] for r in results] == pytest.approx([m for _, m in expected], rel=1e-3)
+    assert np.ptp([s for s, _ in expected]) > 1e-3  # a random judge still tells responses apart
 
 
 @pytest.mark.parametrize("kind", ["plain", "chat"])

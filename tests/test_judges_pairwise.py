@@ -108,18 +108,42 @@ def test_battle_matrix_counts_both_orders():
 
 # ---------------------------------------------------------------------------------------------- llama.cpp
 
+def _verdicts_by_hand(instructions, first, second) -> list[float]:
+    """P(first better) of each prompt, computed here from llama.cpp's raw logits: the whole prompt text
+    (chat turn included) tokenized at once, one fresh evaluation each, then a softmax over the vocabulary
+    in float64, renormalised over the tokens "A" and "B" (one token each in the tiny judge's vocabulary)."""
+    from llama_cpp import Llama
+
+    from minitpo.judges.llama import model_chat_turn
+
+    llm = Llama(model_path=str(GGUF), n_ctx=4096, logits_all=True, verbose=False)
+    out = []
+    try:
+        (a_id,), (b_id,) = (llm.tokenize(label.encode(), add_bos=False, special=False) for label in "AB")
+        turn = model_chat_turn(llm)
+        for i, a, b in zip(instructions, first, second):
+            tokens = llm.tokenize("".join(pairwise.pairwise_prompt_parts(i, a, b, turn)).encode(), add_bos=True,
+                                  special=True)
+            llm.reset()
+            llm.eval(tokens)
+            logits = np.array(llm.scores[len(tokens) - 1], dtype=np.float64)
+            p = np.exp(logits - logits.max())
+            out.append(float(p[a_id] / (p[a_id] + p[b_id])))
+    finally:
+        llm.close()
+    return out
+
+
 @needs_gguf
-def test_verdicts_are_probabilities_deterministic_and_prefix_reuse_is_exact(cfg):
+def test_verdicts_match_raw_logits_and_prefix_reuse_is_exact(cfg):
     instructions = [INSTRUCTION] * 4 + ["Describe a lamp."] * 2
     first = [RESPONSES[0], RESPONSES[0], RESPONSES[1], RESPONSES[2], "Bright.", "Warm light."]
     second = [RESPONSES[1], RESPONSES[2], RESPONSES[0], RESPONSES[0], "Warm light.", "Bright."]
     with open_llama_judge(cfg) as llm:
         reused = pairwise.pairwise_verdicts(llm, instructions, first, second, reuse_prefix=True)
-        again = pairwise.pairwise_verdicts(llm, instructions, first, second, reuse_prefix=True)
         fresh = [pairwise.pairwise_verdicts(llm, [i], [a], [b], reuse_prefix=False)[0]
                  for i, a, b in zip(instructions, first, second)]
-    assert all(0 < v < 1 for v in reused)
-    assert reused == again
+    assert reused == pytest.approx(_verdicts_by_hand(instructions, first, second), abs=1e-4)
     assert np.allclose(reused, fresh, atol=1e-4)
     assert len(set(np.round(reused, 6))) > 1  # the verdict depends on the pair
 
@@ -135,7 +159,15 @@ def test_judge_pairwise_scores_stats_and_cache(cfg):
     for s in scores[:2]:
         assert all(math.isfinite(x) for x in s) and sum(s) == pytest.approx(0, abs=1e-9)
     assert len(cache) == 3 * 2 + 2 * 1 == stats["pairs_judged"]
-    assert 0 <= stats["position_consistency"] <= 1
+    # position consistency by hand from the cached verdicts: over the 3 + 1 unordered pairs, the two orders
+    # pick the same response (p(m first) > 0.5 and p(n first) < 0.5, or the reverse), or both tie exactly
+    agree = 0
+    for instruction, responses in groups[:2]:
+        for m in range(len(responses)):
+            for n in range(m + 1, len(responses)):
+                ab, ba = cache[(instruction, responses[m], responses[n])], cache[(instruction, responses[n], responses[m])]
+                agree += (ab > 0.5 and ba < 0.5) or (ab < 0.5 and ba > 0.5) or ab == ba == 0.5
+    assert stats["position_consistency"] == agree / 4
     # scores agree with the battle matrix built from the cached verdicts
     p = {(m, n): cache[(INSTRUCTION, RESPONSES[m], RESPONSES[n])] for m in range(3) for n in range(3) if m != n}
     assert scores[0] == pytest.approx(bradley_terry(pairwise.battle_matrix(p, 3)))

@@ -38,14 +38,25 @@ def _cfg(path, **kw):
     return JudgeConfig(type="reward_model", model=str(path), **kw)
 
 
-def test_scores_are_deterministic_and_independent_of_batch_size(reward_dir):
-    one = _scores(_cfg(reward_dir, batch_size=1), INSTRUCTIONS, RESPONSES, progress=False)
-    three = _scores(_cfg(reward_dir, batch_size=3), INSTRUCTIONS, RESPONSES, progress=False)
-    again = _scores(_cfg(reward_dir, batch_size=3), INSTRUCTIONS, RESPONSES, progress=False)
-    assert len(one) == 3 and all(isinstance(s, float) for s in one)
-    assert three == again
-    assert one == pytest.approx(three, abs=1e-5)  # padding (different lengths in a batch) changes nothing
-    assert len(set(one)) == 3
+def _last_token_scores(reward_dir, instructions, responses) -> list[float]:
+    """Each chat rendering alone (no padding), its head applied to the last position's hidden state,
+    without the classifier's pooling."""
+    tokenizer, model = load_reward_model(_cfg(reward_dir), "cpu")
+    out = []
+    with torch.no_grad():
+        for instruction, response in zip(instructions, responses):
+            text, _ = render(tokenizer, instruction, response)
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            out.append(float(model.score(model.model(input_ids=ids).last_hidden_state[0, -1])[0]))
+    return out
+
+
+def test_scores_are_the_last_token_head_for_any_batch_size(reward_dir):
+    expected = _last_token_scores(reward_dir, INSTRUCTIONS, RESPONSES)
+    assert len(set(expected)) == 3
+    for batch_size in (1, 2, 3):  # 2 and 3 pad responses of different lengths in one batch
+        scores = _scores(_cfg(reward_dir, batch_size=batch_size), INSTRUCTIONS, RESPONSES, progress=False)
+        assert scores == pytest.approx(expected, abs=1e-5), batch_size
     assert _scores(_cfg(reward_dir), [], [], progress=False) == []
 
 

@@ -71,16 +71,11 @@ def test_dpo_matches_softplus_formula():
     losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta)
     torch.testing.assert_close(losses, F.softplus(-x).float())
     torch.testing.assert_close(losses, torch.log1p(torch.exp(-x)).float())
-    # cDPO = softplus(-x) + eps * x, because softplus(x) - softplus(-x) = x.
-    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=0.2)
-    torch.testing.assert_close(losses, (F.softplus(-x) + 0.2 * x).float())
-
-
-def test_label_smoothing_zero_is_plain_sigmoid():
-    logps = random_logps(seed=1)
-    plain, _, _ = dpo_loss(*logps, beta=0.1)
-    smoothed, _, _ = dpo_loss(*logps, beta=0.1, label_smoothing=0.0)
-    assert torch.equal(plain, smoothed)
+    # cDPO = softplus(-x) + eps * x, because softplus(x) - softplus(-x) = x; eps = 0 given explicitly is
+    # plain DPO.
+    for eps in (0.0, 0.2):
+        losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=eps)
+        torch.testing.assert_close(losses, (F.softplus(-x) + eps * x).float())
 
 
 def test_dpo_is_stable_for_large_margins():
@@ -103,14 +98,14 @@ def test_raising_chosen_logp_lowers_loss(name):
 
 
 def test_preference_loss_dispatch():
-    logps = random_logps(seed=2)
-    for name, fn in [("sigmoid", dpo_loss), ("ipo", ipo_loss), ("hinge", hinge_loss)]:
-        torch.testing.assert_close(preference_loss(name, *logps, beta=0.1)[0], fn(*logps, beta=0.1)[0])
-    torch.testing.assert_close(
-        preference_loss("sigmoid", *logps, beta=0.1, label_smoothing=0.1)[0],
-        dpo_loss(*logps, beta=0.1, label_smoothing=0.1)[0],
-    )
+    # Each name reaches its own loss: the worked example's numbers (h = 2, beta = 0.1) tell them apart.
+    expected = {"sigmoid": 0.5981389, "ipo": 9.0, "hinge": 0.8}
+    for name, value in expected.items():
+        assert preference_loss(name, PC, PR, RC, RR, beta=BETA)[0].item() == pytest.approx(value, abs=1e-6), name
+    # label_smoothing reaches the sigmoid loss: the cDPO number, not the plain one
+    assert preference_loss("sigmoid", PC, PR, RC, RR, beta=BETA, label_smoothing=0.1)[0].item() == pytest.approx(
+        0.6181389, abs=1e-6)
     with pytest.raises(ValueError, match="unknown preference loss"):
-        preference_loss("kto", *logps, beta=0.1)
+        preference_loss("kto", PC, PR, RC, RR, beta=BETA)
     with pytest.raises(ValueError, match="label_smoothing"):
-        preference_loss("ipo", *logps, beta=0.1, label_smoothing=0.1)
+        preference_loss("ipo", PC, PR, RC, RR, beta=BETA, label_smoothing=0.1)
