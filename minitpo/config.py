@@ -50,7 +50,12 @@ class ThoughtConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    instructions: str  # .jsonl with "instruction" (and optional "category"), or .txt one per line
+    instructions: str  # .jsonl with "instruction" (and optional "category"), .txt one per line, .parquet,
+    #   a dataset folder (save_to_disk, or parquet/json files) or a Hub dataset id (downloaded once, cached)
+    split: str = "train"  # a dataset's split (a .jsonl/.txt/.parquet file is one split)
+    column: str | None = None  # a dataset's column; null = the first of instruction, prompt, messages,
+    #   conversations (a chat column gives its first user turn)
+    max_chars: int = 4000  # longer instructions are skipped and counted (~1,000 tokens: room left to answer)
     per_iteration: int = 5000  # fresh instructions per iteration, never reused (paper: 5,000)
     held_out: int = 0  # set aside first, for `minitpo eval`; never trained on
     seed: int = 0  # shuffles the file before slicing
@@ -59,6 +64,7 @@ class DataConfig:
         _check(self.per_iteration >= 1, "data.per_iteration", self.per_iteration, "use 1 or more")
         _check(self.held_out >= 0, "data.held_out", self.held_out, "use 0 or more")
         _check(self.seed >= 0, "data.seed", self.seed, "use 0 or more")
+        _check(self.max_chars >= 1, "data.max_chars", self.max_chars, "use 1 or more (4000 is typical)")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""Instructions: read the file, shuffle once with the data seed, and slice it.
+"""Instructions: read them, shuffle once with the data seed, and slice them.
 
-Consumes `data.instructions` (.jsonl with "instruction" and optional "category", or .txt with one
-instruction per line). Produces `Instruction`s: the held-out set first, then one fresh, disjoint slice
+Consumes `data.instructions`: a .jsonl with "instruction" and optional "category", or a .txt with one
+instruction per line (read here, line by line), or a dataset read through the `datasets` library: a
+.parquet file, a local dataset folder (`save_to_disk` output, or a folder of parquet/json files) or a
+Hub dataset id, with `data.split` and `data.column` (a chat column gives its first user turn). Produces `Instruction`s: the held-out set first, then one fresh, disjoint slice
 per iteration, so no instruction is trained on twice and held-out ones never are (docs/method.md step 1).
 
 Two things would break that silently, and are closed here: an instruction listed twice (its copies
@@ -26,8 +28,32 @@ class Instruction:
     category: str = ""
 
 
-def load_instructions(path: str | Path) -> list[Instruction]:
-    path = Path(path)
+def load_instructions(source: str | Path, split: str = "train", column: str | None = None) -> list[Instruction]:
+    """Every non-empty instruction of `source`, in its order. A .jsonl or .txt file is read line by line
+    (`split` and `column` do not apply); anything else through the `datasets` library (datasource.py)."""
+    return _read(source, split, column)[0]
+
+
+LINE_FILES = (".jsonl", ".txt")  # read line by line, as minitpo always has
+
+
+def _read(source, split, column) -> tuple[list[Instruction], int]:
+    """(the non-empty instructions, how many lines or rows the source has)."""
+    path = Path(source)
+    if path.is_file() and path.suffix in LINE_FILES:
+        return _load_lines(path)
+    from minitpo.datasource import load_dataset_column
+
+    texts, categories = load_dataset_column(str(source), split, column)
+    items = [Instruction(id=i, text=t.strip(), category=c) for i, (t, c) in enumerate(zip(texts, categories))
+             if t.strip()]
+    if not items:
+        raise UserError(f"data.instructions: {source} split {split!r} holds no instructions in its column; "
+                        "pick another data.split or data.column")
+    return items, len(texts)
+
+
+def _load_lines(path: Path) -> tuple[list[Instruction], int]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -35,8 +61,8 @@ def load_instructions(path: str | Path) -> list[Instruction]:
         line = raw[:e.start].count(b"\n") + 1
         raise UserError(f"data.instructions: {path} line {line} is not UTF-8 text; give a .jsonl or .txt file "
                         "saved as UTF-8") from None
-    items = []
-    for i, line in enumerate(text.splitlines()):
+    items, lines = [], text.splitlines()
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
@@ -60,7 +86,7 @@ def load_instructions(path: str | Path) -> list[Instruction]:
             items.append(Instruction(id=i, text=instruction.strip(), category=category))
     if not items:
         raise UserError(f"data.instructions: {path} holds no instructions; add at least one per line")
-    return items
+    return items, len(lines)
 
 
 def same_text(text: str) -> str:
@@ -76,6 +102,26 @@ def drop_duplicates(items: list[Instruction]) -> tuple[list[Instruction], int]:
             seen.add(same_text(item.text))
             unique.append(item)
     return unique, len(items) - len(unique)
+
+
+def read_instructions(data) -> tuple[list[Instruction], list[str]]:
+    """`data.instructions` read (`load_instructions`), with repeats and instructions over
+    `data.max_chars` dropped; and a line for each kind dropped, to show the user."""
+    items, n_rows = _read(data.instructions, data.split, data.column)
+    empty = n_rows - len(items)
+    items, duplicates = drop_duplicates(items)
+    kept = [i for i in items if len(i.text) <= data.max_chars] if data.max_chars else items
+    notes = [f"data.instructions: {empty} empty lines or rows dropped"] if empty else []
+    if duplicates:
+        notes.append(f"data.instructions: {duplicates} repeated instructions dropped (the first of each kept), "
+                     "so none is both held out and trained on")
+    if len(kept) < len(items):
+        notes.append(f"data.instructions: {len(items) - len(kept)} instructions over data.max_chars "
+                     f"{data.max_chars} characters skipped; raise data.max_chars to keep them")
+    if not kept:
+        raise UserError(f"data.instructions: all {len(items)} instructions are over data.max_chars "
+                        f"{data.max_chars} characters; raise data.max_chars")
+    return kept, notes
 
 
 def split_instructions(items, per_iteration: int, held_out: int, iterations: int, seed: int, kept=None):

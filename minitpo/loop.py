@@ -35,7 +35,7 @@ from minitpo import dist, engine, io, rundir, suites
 from minitpo.config import Recipe
 from minitpo.recipe import recipe_to_dict
 from minitpo.evaluate import held_out_warning
-from minitpo.data import Instruction, drop_duplicates, load_instructions, split_instructions
+from minitpo.data import Instruction, read_instructions, split_instructions
 from minitpo.judges.llama import load_prompt_template
 from minitpo.live import Live
 from minitpo.device import free_memory, pick_device
@@ -55,10 +55,9 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     out = Path(recipe.out)
     template = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
     data = recipe.data
-    items, duplicates = drop_duplicates(load_instructions(data.instructions))  # fails on a bad file
-    if duplicates and dist.is_main():
-        click.echo(f"data.instructions: {duplicates} repeated instructions dropped (the first of each kept), "
-                   "so none is both held out and trained on", err=True)
+    items, notes = read_instructions(data)  # fails on a bad file, dataset, split or column
+    for note in notes if dist.is_main() else ():
+        click.echo(note, err=True)
     kept = None if fresh else rundir.kept_split(out)  # a run keeps its split, whatever the file became
     held_out, slices = split_instructions(items, data.per_iteration, data.held_out, recipe.iterations, data.seed,
                                           kept=kept)  # fails on a short file before anything is written

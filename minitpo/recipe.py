@@ -198,7 +198,7 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
 def _looks_like_path(value: str) -> bool:
     # A Hub id is "org/name"; anything else with a slash, a dot-start or a file suffix is a path.
     return (value.startswith((".", "/", "~")) or value.count("/") > 1
-            or value.endswith((".gguf", ".jsonl", ".txt", ".yaml", ".md")))
+            or value.endswith((".gguf", ".jsonl", ".txt", ".parquet", ".yaml", ".md")))
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -291,7 +291,7 @@ def _check_files(recipe: Recipe) -> None:
     """Every file and folder the recipe names, checked before any model loads: a mistake found after an
     hour of sampling costs the hour."""
     _check_model("policy.model", recipe.policy.model, "give a local model folder, a .gguf file or a Hub id")
-    _check_file("data.instructions", recipe.data.instructions, "give a .jsonl or .txt file of instructions")
+    _check_instructions(recipe.data.instructions)
     judge = recipe.judge
     if judge.type == "llama_cpp":
         _check_file("judge.model", judge.model, "give the path of a GGUF judge model")
@@ -327,6 +327,19 @@ def _check_file(key: str, value: str, fix: str) -> None:
         raise UserError(f"{key}: {value!r} {'is a folder' if path.is_dir() else 'does not exist'}; {fix}")
     if not os.access(path, os.R_OK):
         raise UserError(f"{key}: {value!r} cannot be read (permission denied); fix its permissions")
+
+
+def _check_instructions(value: str) -> None:
+    """A file or folder must exist; a Hub dataset id (org/name) is read, with its split and column, when
+    the run starts, before any model loads (minitpo/datasource.py)."""
+    path = Path(value)
+    if path.is_file() and path.suffix in (".jsonl", ".txt", ".parquet"):
+        return _check_file("data.instructions", value, "fix its permissions")
+    if path.is_dir() or (not _looks_like_path(value) and value.count("/") == 1):
+        return
+    what = "does not exist" if not path.exists() else f"is a {path.suffix or 'suffix-less'} file"
+    raise UserError(f"data.instructions: {value!r} {what}; give a .jsonl/.txt/.parquet file of instructions, "
+                    "a dataset folder or a Hub dataset id (org/name)")
 
 
 def _check_gguf(key: str, value: str) -> None:

@@ -84,7 +84,7 @@ CASES = [  # (id, recipe file or None for the tiny recipe, extra arguments, text
     ("instructions with NUL", None, ["data.instructions=TMP/nul.txt"], "nul.txt line 1 holds NUL bytes"),
     ("instructions bad JSON line", None, ["data.instructions=TMP/broken.jsonl"], "broken.jsonl line 3 is not a JSON object"),
     ("instruction not text", None, ["data.instructions=TMP/number.jsonl"], 'number.jsonl line 2: "instruction" is int'),
-    ("instructions is a folder", None, ["data.instructions=TMP/empty_folder"], "data.instructions: 'TMP/empty_folder' is a folder"),
+    ("instructions is a folder", None, ["data.instructions=TMP/empty_folder"], "data.instructions: 'TMP/empty_folder' holds no data files"),
     ("instructions missing", None, ["data.instructions=TMP/none.jsonl"], "data.instructions: 'TMP/none.jsonl' does not exist"),
     ("too few instructions", None, ["data.per_iteration=1000"], "the recipe needs 2008"),
     ("policy empty folder", None, ["policy.model=TMP/empty_folder"], "policy.model: 'TMP/empty_folder' is a folder without config.json"),
@@ -136,7 +136,7 @@ CASES = [  # (id, recipe file or None for the tiny recipe, extra arguments, text
      "judge.n_ctx: 300 tokens cannot hold the pointwise judge prompt itself (360 tokens before any instruction"),
     ("judge context below eval's pairwise prompt", None, ["judge.n_ctx=400", "evaluate=true"],
      "judge.n_ctx: 400 tokens cannot hold the pairwise judge prompt itself (435 tokens"),
-    ("instruction longer than the context", None, ["data.instructions=TMP/long.jsonl"],
+    ("instruction longer than the context", None, ["data.instructions=TMP/long.jsonl", "data.max_chars=20000"],
      "data.instructions: line 3 makes a prompt of 4067 tokens, and with sampling.max_new_tokens 64 it does not "
      "fit the policy's context of 512 tokens"),
     ("two train sections", "TMP/two_train.yaml", [], "recipe: TMP/two_train.yaml sets 'train' twice in one section (lines 29 and 36)"),
