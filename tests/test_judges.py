@@ -25,9 +25,9 @@ def test_cache_skips_judged_responses_and_duplicates(tmp_path):
     first = [cand(0, 0, "aa"), cand(0, 1, "aa"), cand(0, 2, "bbbb"), cand(1, 0, "aa")]
     scores, stats = score_candidates(cfg, first, cache)
     assert scores == [2.0, 2.0, 4.0, 2.0]
-    assert stats == {"judged": 3, "cached": 1, "verdict_mass": None, "responses_cut": 0}  # the repeated ("q0", "aa") is judged once
+    assert stats == {"judged": 3, "cached": 1, "verdict_mass": None, "responses_cut": 0, "unjudged": 0}  # the repeated ("q0", "aa") is judged once
     assert log.read_text().split() == ["aa", "bbbb", "aa"]
     # A resumed stage (or a later call) with one new response judges only that one.
     scores, stats = score_candidates(cfg, first + [cand(1, 1, "ccc")], cache)
-    assert scores[-1] == 3.0 and stats == {"judged": 1, "cached": 4, "verdict_mass": None, "responses_cut": 0}
+    assert scores[-1] == 3.0 and stats == {"judged": 1, "cached": 4, "verdict_mass": None, "responses_cut": 0, "unjudged": 0}
     assert log.read_text().split() == ["aa", "bbbb", "aa", "ccc"]
