@@ -493,12 +493,12 @@ def _steps(e, rows: int, steps: int, n_keys: int) -> None:
     """`steps` decode steps over the first `rows` slots (every slot under CUDA graphs)."""
     full = e.slots
     if rows < full.cur.shape[0]:
-        e.slots, e.cache.n_rows, e.cache.cols = full.head(rows), rows, full.cur[:rows]
+        e.slots, e.cache.n_rows = full.head(rows), rows  # the cache narrows its K/V and columns itself
     try:
         for _ in range(steps):
             _step(e, n_keys)
     finally:
-        e.slots, e.cache.n_rows, e.cache.cols = full, full.cur.shape[0], full.cur
+        e.slots, e.cache.n_rows = full, full.cur.shape[0]
 
 
 def _compact(e, busy, owner, left, pos):
