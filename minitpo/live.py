@@ -65,7 +65,7 @@ class Live:
         values = {f"iteration/{k}": v for k, v in summary.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration"}
         values |= {f"stage_wall_s/{k}": v for k, v in summary.get("stage_wall_s", {}).items() if v is not None}
-        stages = rundir.iteration_dir(self.out, t) / "stages.json"
+        stages = rundir.iteration_dir(self.out, t) / rundir.STAGES
         peaks = io.read_json(stages).get("peak_gpu_gib", {}) if stages.exists() else {}
         values |= {f"peak_gpu_gib/{k}": v for k, v in peaks.items()}
         if self.to == "tensorboard":
@@ -90,7 +90,7 @@ class Live:
 
     def _offset(self, t: int) -> int:
         if t not in self.offsets:
-            done = (rundir.iteration_dir(self.out, s) / "train_summary.json" for s in range(1, t))
+            done = (rundir.iteration_dir(self.out, s) / rundir.TRAIN_SUMMARY for s in range(1, t))
             self.offsets[t] = sum(io.read_json(p).get("updates", 0) for p in done if p.exists())
         return self.offsets[t]
 
