@@ -220,6 +220,17 @@ def fit_slots(free: int, copy_bytes: int, per_slot: int, want: int, budget: int 
     return use_copy, max(1, min(want, room // per_slot))
 
 
+def wanted_slots(batch_size: int | str, n_prompts: int) -> int:
+    """Slots asked of fit_slots: batch_size, or AUTO_MAX_SLOTS for "auto", never more than the prompts."""
+    return min(AUTO_MAX_SLOTS if batch_size == "auto" else batch_size, n_prompts)
+
+
+def cache_columns(longest_prompt: int, max_new_tokens: int) -> int:
+    """Cache columns of a call: its longest prompt + max_new_tokens, rounded up to 64 (calls of similar
+    lengths reuse the cached engine)."""
+    return -(-(longest_prompt + max_new_tokens) // 64) * 64
+
+
 def slot_bytes(config, n_cols: int, elem_bytes: int) -> int:
     """Memory of one slot: its K and V for every layer over n_cols columns, and its share of the
     sampling workspace (fp32 logits, sort, cumsum over the vocabulary)."""
@@ -426,7 +437,7 @@ def _engine(model, n_prompts, batch_size, n_cols, max_new, temperature, top_p, e
     """The cached engine when the call matches it (weights refreshed, slots reset), else a new one."""
     global _cached
     base = hf_model(model)
-    want = min(AUTO_MAX_SLOTS if batch_size == "auto" else batch_size, n_prompts)
+    want = wanted_slots(batch_size, n_prompts)
     key = (id(base), want, n_cols, max_new, temperature, top_p, tuple(eos), pad, cuda_graphs, compile, budget)
     if _cached is not None and _cached[0] == key:
         e = _cached[1]
@@ -477,7 +488,7 @@ def generate_tokens(model, prompt_ids, *, max_new_tokens, temperature, top_p, eo
     assert len(seeds) == len(prompt_ids), "one seed per prompt"
     if not prompt_ids:
         return []
-    n_cols = -(-(max(map(len, prompt_ids)) + max_new_tokens) // 64) * 64  # rounded: reuse across calls
+    n_cols = cache_columns(max(map(len, prompt_ids)), max_new_tokens)
     budget = None if memory_gb is None else int(memory_gb * 2**30)
     e = _engine(model, len(prompt_ids), batch_size, n_cols, max_new_tokens, float(temperature), float(top_p),
                 list(eos_token_ids), pad_token_id, cuda_graphs, compile, budget, (stop_ids, blank_ids))

@@ -83,18 +83,20 @@ def candidate_seed(seed: int, instruction_id: int, index: int, part: int = 0) ->
 
 
 def check_prompt_lengths(tokenizer, context: int | None, instructions, template: Template, cfg,
-                         system_prompt: bool = False) -> None:
+                         system_prompt: bool = False) -> int:
     """Before any sampling: every instruction's prompt plus sampling.max_new_tokens must fit the policy's
     context (`context` tokens; None: unknown, not checked). One that does not is named in one line: a
-    megabyte pasted into the file would otherwise ask the prefill for terabytes."""
-    if context is None:
-        return
+    megabyte pasted into the file would otherwise ask the prefill for terabytes. Returns the longest
+    prompt's tokens (the plan sizes the KV cache with it)."""
+    longest = 0
     for ins in instructions:
         n = len(tokenizer(build_prompt(tokenizer, template, ins.text, system_prompt), add_special_tokens=False)["input_ids"])
-        if n + cfg.max_new_tokens > context:
+        longest = max(longest, n)
+        if context is not None and n + cfg.max_new_tokens > context:
             raise UserError(f"data.instructions: line {ins.id + 1} makes a prompt of {n} tokens, and with "
                             f"sampling.max_new_tokens {cfg.max_new_tokens} it does not fit the policy's context of "
                             f"{context} tokens; shorten or remove that instruction, or lower sampling.max_new_tokens")
+    return longest
 
 
 def sample_candidates(model, tokenizer, instructions, template: Template, cfg, seed: int,
