@@ -40,6 +40,33 @@ def run(recipe, overrides, out, fresh):
     run_loop(recipe, fresh=fresh)  # prints a line per iteration, then the evaluation when the recipe asks
 
 
+@cli.command()
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True),
+              help="The card's memory in GB (GiB); default: this machine's GPU, else the plan is only reported.")
+@click.option("--json", "json_path", help="Also write the plan here: fits, gpu_memory_gb, stages.*.peak_gb, ...")
+def plan(recipe, overrides, gpu_memory, json_path):
+    """Predict each stage's peak memory and time for RECIPE from its models' configs alone (no weights
+    load), say whether it fits --gpu-memory, and which setting to lower when it does not.
+
+    OVERRIDES are dotted KEY=VALUE pairs, as for `run`."""
+    from minitpo import io
+    from minitpo.plan import detected_gpu_memory, plan_recipe, plan_text
+    from minitpo.recipe import load_recipe
+
+    cfg = load_recipe(recipe, list(overrides), check_files=False)  # a plan comes before the downloads
+    if json_path:
+        if os.path.isdir(json_path):
+            raise UserError(f"--json: {json_path!r} is a folder; give the path of a .json file to write")
+        io.check_writable(os.path.dirname(os.path.abspath(json_path)), "--json")
+    gpu_memory = gpu_memory or detected_gpu_memory()
+    result = plan_recipe(cfg, gpu_memory, device="cuda" if gpu_memory else "cpu")
+    if json_path:
+        io.write_json(json_path, result)
+    click.echo(plan_text(result, recipe))
+
+
 @cli.command(name="judge-check")
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
