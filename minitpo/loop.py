@@ -61,7 +61,8 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     kept = None if fresh else rundir.kept_split(out)  # a run keeps its split, whatever the file became
     held_out, slices = split_instructions(items, data.per_iteration, data.held_out, recipe.iterations, data.seed,
                                           kept=kept)  # fails on a short file before anything is written
-    _check_lengths(recipe, out, template, held_out, slices[:recipe.iterations], fresh)
+    longest = _check_lengths(recipe, out, template, held_out, slices[:recipe.iterations], fresh)
+    predicted = _plan(recipe, longest)  # printed first; stages.json keeps its peaks beside the measured ones
     with ExitStack() as held:
         def setup():
             held.enter_context(rundir.lock(out))  # one writer: a second run on this directory stops here
@@ -92,7 +93,7 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
             it = rundir.iteration_dir(out, t)
             if dist.broadcast((it / rundir.SUMMARY).exists()):
                 continue
-            summary = run_iteration(t, it, instructions, template, recipe, policy, live)
+            summary = run_iteration(t, it, instructions, template, recipe, policy, live, predicted)
             if dist.is_main():
                 live.iteration(t, summary)
                 write_summary(out, t, summary)
@@ -115,15 +116,34 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     return out
 
 
-def _check_lengths(recipe: Recipe, out: Path, template, held_out, slices, fresh: bool) -> None:
+def _check_lengths(recipe: Recipe, out: Path, template, held_out, slices, fresh: bool) -> int | None:
     """The instructions still to sample, and the held-out ones (`eval` samples them), must fit the
-    policy's context: checked with its tokenizer and config alone, before any model loads."""
+    policy's context: checked with its tokenizer and config alone, before any model loads. Returns the
+    longest prompt's tokens (None when nothing is left to sample)."""
     pending = [i for t, s in enumerate(slices, start=1)
                if fresh or not (rundir.iteration_dir(out, t) / rundir.CANDIDATES).exists() for i in s]
     pending += held_out if pending else []  # a finished run is not held up by them
     if pending:
-        check_prompt_lengths(load_tokenizer(recipe.policy.model), context_length(recipe.policy.model), pending,
+        return check_prompt_lengths(load_tokenizer(recipe.policy.model), context_length(recipe.policy.model), pending,
                              template, recipe.sampling, recipe.thought.system_prompt)
+
+
+def _plan(recipe: Recipe, longest: int | None) -> dict:
+    """The plan's predicted peak of each stage (minitpo/plan.py), printed by rank 0 as one block; {} with
+    a one-line note when it cannot be made (it advises, it never stops a run)."""
+    from minitpo.errors import UserError
+    from minitpo.plan import detected_gpu_memory, plan_recipe, plan_text, stage_peaks
+
+    device = pick_device()
+    try:
+        plan = plan_recipe(recipe, detected_gpu_memory(), device, prompt_tokens=longest)
+    except (UserError, OSError, ValueError, KeyError) as e:
+        if dist.is_main():
+            click.echo(f"plan: not made ({str(e).splitlines()[0][:120]})", err=True)
+        return {}
+    if dist.is_main():
+        click.echo(plan_text(plan, Path(recipe.out).name), err=True)
+    return stage_peaks(plan)
 
 
 def _judge_check(out: Path, recipe: Recipe) -> None:
@@ -140,10 +160,10 @@ def _judge_check(out: Path, recipe: Recipe) -> None:
 
 
 def run_iteration(t: int, it: Path, instructions: list[Instruction], template, recipe: Recipe, policy,
-                  live: Live) -> dict:
+                  live: Live, predicted: dict | None = None) -> dict:
     """M_{t-1} -> M_t; the iteration's summary (on rank 0). Each stage runs unless its file in `it` says it
     is done (minitpo/stages.py), and the next reads that file back: a resumed run goes on from the same data."""
-    stages = Stages(it)
+    stages = Stages(it, predicted)  # predicted: {stage: GiB}, recorded beside the measured peaks
     # 1-3. K thought+response candidates per instruction from M_{t-1}, split at the marker.
     rows = stages.run(SAMPLE, lambda: sample_stage(*policy.at(t - 1), instructions, template, recipe, seed=recipe.sampling.seed + t))
     engine.release()  # the sampler's model copy, KV cache and CUDA graph go before the judge loads

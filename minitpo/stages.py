@@ -8,12 +8,16 @@ a resumed run skips a done stage and reads that file back. `Stages(it).run(STAGE
   returns, on rank 0, the stage's files as {name in iter-N/: content} (None on the other ranks);
 - writes them on rank 0 alone, in order, the stage's own file last: a list as JSONL, a dict as JSON,
   a function as fn(path) (an adapter folder, a cache merged from the ranks' parts);
-- records in iter-N/stages.json the stage's wall time, the world size and, on a GPU, the most memory
-  torch held during it (this rank's);
+- records in iter-N/stages.json the stage's wall time, the world size, the peak memory the plan
+  predicted (`predicted_peak_gib`, minitpo/plan.py) and the measured one: on a GPU the most memory torch
+  held during the stage (this rank's, `peak_gpu_gib`); on a Linux CPU the process's peak resident memory
+  during it (`peak_rss_gib`, reset at the stage's start) and its resident memory at the start
+  (`start_rss_gib`): the difference is what the stage added, libraries it imported included;
 - returns the stage's rows read back from its file, so a run that stopped and one that did not go on
   from the same data.
 """
 
+import ctypes
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,22 +38,25 @@ SAMPLE = Stage("sample", rundir.CANDIDATES)
 JUDGE = Stage("judge", rundir.SCORES)
 PAIR = Stage("pair", rundir.PAIRS)
 TRAIN = Stage("train", rundir.TRAIN_SUMMARY)
-_NOT_TIMES = ("world_size", "peak_gpu_gib")  # what stages.json holds beside the stages' wall times
+# what stages.json holds beside the stages' wall times
+_NOT_TIMES = ("world_size", "peak_gpu_gib", "predicted_peak_gib", "peak_rss_gib", "start_rss_gib")
 
 
 class Stages:
     """The stages of one iteration folder `it`, and their times (iter-N/stages.json)."""
 
-    def __init__(self, it: Path):
+    def __init__(self, it: Path, predicted: dict | None = None):
         self.it = Path(it)
         path = self.it / rundir.STAGES
         self.times = io.read_json(path) if path.exists() else {}
+        self.predicted = predicted or {}  # {stage name: GiB}, from the plan
 
     def run(self, stage: Stage, work: Callable[[], dict | None]):
         path = self.it / stage.output
         if not dist.broadcast(path.exists()):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+            start_rss = None if torch.cuda.is_available() else _reset_peak_rss()
             t0 = time.perf_counter()
             files = work()  # every rank
             if dist.is_main():
@@ -61,6 +68,11 @@ class Stages:
             self.times["world_size"] = dist.world_size()
             if torch.cuda.is_available():
                 self.times.setdefault("peak_gpu_gib", {})[stage.name] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            elif start_rss is not None:
+                self.times.setdefault("peak_rss_gib", {})[stage.name] = round(_status_bytes("VmHWM") / 2**30, 3)
+                self.times.setdefault("start_rss_gib", {})[stage.name] = round(start_rss / 2**30, 3)
+            if self.predicted.get(stage.name) is not None:
+                self.times.setdefault("predicted_peak_gib", {})[stage.name] = self.predicted[stage.name]
             self._save_times()
         elif stage.name not in self.times:  # killed between writing the output and its time: the time is lost
             self.times[stage.name] = None
@@ -83,3 +95,24 @@ def _write(path: Path, content) -> None:
         io.write_jsonl(path, content)
     else:
         io.write_json(path, content)
+
+
+def _reset_peak_rss() -> int | None:
+    """Hand the heap's free pages back (glibc keeps what the last stage freed, and this stage would reuse
+    it unseen), reset this process's peak resident memory (Linux: VmHWM) to its current one, and return
+    that; None where /proc does not allow it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))

@@ -333,7 +333,8 @@ def test_sigkill_at_many_moments_then_resume_loses_only_the_stage_in_flight(tiny
             assert (out / f"iter-{t}" / name).exists(), f"iter-{t}/{name}"
         for name in ("candidates.jsonl", "scores.jsonl", "pairs.jsonl"):
             assert jsonl(out / f"iter-{t}" / name) == jsonl(tiny_run[0] / f"iter-{t}" / name), f"iter-{t}/{name}"
-        assert set(json.load(open(out / f"iter-{t}" / "stages.json"))) == {"sample", "judge", "pair", "train", "world_size"}
+        assert set(json.load(open(out / f"iter-{t}" / "stages.json"))) == {
+            "sample", "judge", "pair", "train", "world_size", "predicted_peak_gib", "peak_rss_gib", "start_rss_gib"}
     for p in out.rglob("*.json"):
         json.load(open(p))
     for p in out.rglob("*.jsonl"):
