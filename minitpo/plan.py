@@ -142,9 +142,12 @@ def judge_need(cfg, device: str, e: int, rows: int) -> tuple[float | None, dict,
         w = shape["linear"] * (NF4_BYTES if cfg.quantization == "nf4" else e) + (shape["params"] - shape["linear"]) * e
         act = layer_forward_bytes(d, cfg.batch_size * rows, e)
         return w + act, {"weights": _gib(w), "forward": _gib(act)}, "reward model"
-    name = Path(cfg.model).name.lower()
-    if Path(cfg.model).is_file():
-        size, L, heads, kv_heads, hd, vocab = _gguf_shape(cfg.model)
+    from minitpo.recipe import PACKAGED_MODELS, packaged_model_path
+
+    model = packaged_model_path(cfg.model, "judge.model") if cfg.model in PACKAGED_MODELS else cfg.model
+    name = Path(model).name.lower()
+    if Path(model).is_file():
+        size, L, heads, kv_heads, hd, vocab = _gguf_shape(model)
         where = "its file"
     elif name in KNOWN_JUDGES:
         size, L, heads, kv_heads, hd, vocab = KNOWN_JUDGES[name]
@@ -155,7 +158,7 @@ def judge_need(cfg, device: str, e: int, rows: int) -> tuple[float | None, dict,
     kv = cfg.n_ctx * L * 2 * kv_heads * hd * 2 * on  # f16 K and V
     scores = LLAMA_BATCH * cfg.n_ctx * heads * 4 * (on > 0)  # one batch's float32 attention scores
     parts = {"gguf": _gib(size * on), "kv": _gib(kv), "scores": _gib(scores)}
-    return size * on + kv + scores, parts, f"llama.cpp, {Path(cfg.model).name} from {where}"
+    return size * on + kv + scores, parts, f"llama.cpp, {Path(model).name} from {where}"
 
 
 def _gguf_shape(path: str):
