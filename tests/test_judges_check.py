@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, TINY
 from minitpo.config import JudgeConfig
-from minitpo.evaluate import bootstrap_interval
+from minitpo.stats import bootstrap_interval
 from minitpo.judges.check import KINDS, REFUSALS, at_chance, check_judge, load_preference_set, sanity_items, summary_text
 from minitpo.errors import UserError
 

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minitpo.errors import UserError
-from minitpo.evaluate import MIN_CI_ITEMS, bootstrap_interval, ci_text
-from minitpo.judges import pointwise_scorer, preference, verdict
+from minitpo.evaluate import MIN_CI_ITEMS, ci_text
+from minitpo.judges import pointwise_scorer, preference
+from minitpo.stats import bootstrap_interval, same_winner, two_order_p, verdict
 
 SANITY_SET = Path(__file__).with_name("sanity.jsonl")
 KINDS = ("off_topic", "truncated", "refusal", "factual_error")
@@ -114,7 +115,7 @@ def check_judge(cfg, items: list[Item], progress: bool = True) -> dict:
 
 
 def _pairwise(cfg, items, progress):
-    from minitpo.judges.pairwise import both_orders, same_winner, two_order_p
+    from minitpo.judges.pairwise import both_orders
 
     masses = []
     p = both_orders(cfg, [it.prompt for it in items], [it.chosen for it in items], [it.rejected for it in items],
