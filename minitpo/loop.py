@@ -127,14 +127,13 @@ def _check_lengths(recipe: Recipe, out: Path, template, held_out, slices, fresh:
 
 
 def _judge_check(out: Path, recipe: Recipe) -> None:
-    from minitpo.judges.check import at_chance, check_judge, sanity_items, warning
+    from minitpo.judges.check import at_chance, check_judge, headline, sanity_items, warning
 
     path = out / rundir.JUDGE_CHECK
     if not path.exists():
         io.write_json(path, check_judge(recipe.judge, sanity_items()))
     checked = io.read_json(path)
-    click.echo(f"judge-check: accuracy {checked['accuracy']:.3f} (95% CI {checked['ci_low']:.3f}-"
-               f"{checked['ci_high']:.3f}) over {checked['n']} items")
+    click.echo(headline(checked))
     if at_chance(checked):
         click.echo(warning(checked), err=True)
 
