@@ -117,28 +117,30 @@ def answer(recipe, run_dir: Path, name: str, prompts: list[dict], cache: Path, l
     with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"{label} answers", unit="prompt",
               dynamic_ncols=True) as bar:
         if todo:
-            from minitpo import engine
             from minitpo.model import load_policy
             from minitpo.prompts import load_template
-            from minitpo.sample import sample_candidates
+            from minitpo.sample import open_sampler, sample_candidates
 
             template = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
             policy, tokenizer = load_policy(recipe.policy, None if name == "seed" else rundir.adapter_dir(run_dir, name))
             policy.eval()
             number = {json.dumps(p["key"]): i for i, p in enumerate(prompts)}
-            for start in range(0, len(todo), CHUNK):
-                chunk = todo[start:start + CHUNK]
-                # the id seeds the candidate's draw: the prompt's key, so a subset or a resume draws the same
-                instructions = [Instruction(id=p["key"], text=p["prompt"], category=p.get("category", "")) for p in chunk]
-                for p, c in zip(chunk, sample_candidates(policy, tokenizer, instructions, template, recipe.sampling,
-                                                         seed=recipe.sampling.seed, k=1, progress=False,
-                                                         system_prompt=recipe.thought.system_prompt)):
-                    done[json.dumps(p["key"])] = {"key": p["key"], "prompt": p["prompt"], "thought": c.thought,
-                                                  "response": c.response if c.parsed else "", "parsed": c.parsed,
-                                                  "truncated": c.truncated, "n_tokens": c.n_tokens}
-                io.write_jsonl(cache, sorted(done.values(), key=lambda r: number.get(json.dumps(r["key"]), -1)))
-                bar.update(len(chunk))
-            engine.release()
+            # one sampler for every chunk: a chunk of the same shape reuses its copy and CUDA graphs
+            with open_sampler(policy, tokenizer, recipe.sampling) as sampler:
+                for start in range(0, len(todo), CHUNK):
+                    chunk = todo[start:start + CHUNK]
+                    # the id seeds the candidate's draw: the prompt's key, so a subset or a resume draws the same
+                    instructions = [Instruction(id=p["key"], text=p["prompt"], category=p.get("category", ""))
+                                    for p in chunk]
+                    for p, c in zip(chunk, sample_candidates(policy, tokenizer, instructions, template, recipe.sampling,
+                                                             seed=recipe.sampling.seed, k=1, progress=False,
+                                                             system_prompt=recipe.thought.system_prompt,
+                                                             sampler=sampler)):
+                        done[json.dumps(p["key"])] = {"key": p["key"], "prompt": p["prompt"], "thought": c.thought,
+                                                      "response": c.response if c.parsed else "", "parsed": c.parsed,
+                                                      "truncated": c.truncated, "n_tokens": c.n_tokens}
+                    io.write_jsonl(cache, sorted(done.values(), key=lambda r: number.get(json.dumps(r["key"]), -1)))
+                    bar.update(len(chunk))
             del policy
             gc.collect()
     return [done[json.dumps(p["key"])] for p in prompts]

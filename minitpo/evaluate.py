@@ -257,7 +257,6 @@ def summary_text(r: dict) -> str:
 def _sample_one(recipe: Recipe, run_dir: Path, name: str, instructions, samples: int = 1):
     """`samples` outputs per instruction from model `name` of `run_dir`, with the recipe's template,
     sampling and seed."""
-    from minitpo import engine
     from minitpo.model import load_policy
     from minitpo.sample import sample_candidates
 
@@ -267,7 +266,6 @@ def _sample_one(recipe: Recipe, run_dir: Path, name: str, instructions, samples:
     policy.eval()
     candidates = sample_candidates(policy, tokenizer, instructions, template, recipe.sampling, k=samples,
                                    seed=recipe.sampling.seed, system_prompt=recipe.thought.system_prompt)
-    engine.release()
     del policy
     free_memory()
     return candidates
