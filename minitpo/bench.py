@@ -121,7 +121,7 @@ def answer(recipe, run_dir: Path, name: str, prompts: list[dict], cache: Path, l
             from minitpo.prompts import load_template
             from minitpo.sample import open_sampler, sample_candidates
 
-            template = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
+            template = load_template(recipe.thought)
             policy, tokenizer = load_policy(recipe.policy, None if name == "seed" else rundir.adapter_dir(run_dir, name))
             policy.eval()
             number = {json.dumps(p["key"]): i for i, p in enumerate(prompts)}

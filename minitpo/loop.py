@@ -53,7 +53,7 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     """Run (or resume) every iteration of `recipe` in `recipe.out`; return the run directory."""
     dist.init()
     out = Path(recipe.out)
-    template = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
+    template = load_template(recipe.thought)
     data = recipe.data
     items, notes = read_instructions(data)  # fails on a bad file, dataset, split or column
     for note in notes if dist.is_main() else ():
