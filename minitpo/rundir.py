@@ -82,6 +82,22 @@ def bench_summary(out: Path, suite: str) -> Path:
     return Path(out) / BENCH / f"{suite}.json"
 
 
+# one model's files in bench/{suite}/, each named {label}.{name}
+BENCH_ANSWERS = "answers.jsonl"  # one row per prompt answered so far: the cache a killed bench goes on from
+BENCH_IFEVAL = "ifeval.jsonl"  # ifeval: the scored rows
+BENCH_OUTPUTS = "model_outputs.json"  # alpaca_eval: instruction, output, generator (the official evaluator's input)
+
+
+def bench_judged(judge_fingerprint: str) -> str:
+    """The name of a model's judged rows under one judge: p(better than the baseline) per prompt."""
+    return f"judged-{judge_fingerprint}.jsonl"
+
+
+def bench_file(out: Path, suite: str, label: str, name: str) -> Path:
+    """RUN_DIR/bench/{suite}/{label}.{name}: model `label`'s file `name` (a BENCH_* name or bench_judged)."""
+    return bench_dir(out, suite) / f"{label}.{name}"
+
+
 def iteration_name(t: int) -> str:
     return f"iter-{t}"
 
