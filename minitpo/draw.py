@@ -16,7 +16,7 @@ import torch
 # CPU: the top-p nucleus is looked for among the top 1024 tokens first, then the top 8192, then the full
 # sort. The second level takes SmolLM2's decode step at batch 128 on random prompts from 641 to 539 ms
 # (benchmarks/RESULTS.md); on a row too wide for 1024 it draws another token from the same seed than the
-# sort would (the same distribution, traversed in another order: chi-square test, tests/test_engine.py).
+# sort would (the same distribution, traversed in another order: chi-square test, tests/test_draw.py).
 NUCLEUS_CANDIDATES = (1024, 8192)
 
 
