@@ -137,7 +137,7 @@ def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed
         raise UserError(f"--model and --against are both {model!r}; compare two different models")
     io.check_writable(run_dir / rundir.EVAL, "RUN_DIR")  # before the minutes of sampling and judging
 
-    marker_of = [load_template(r.thought.template, r.thought.marker, r.thought.min_words).marker for *_, r in refs]
+    marker_of = [load_template(r.thought).marker for *_, r in refs]
     # One policy in memory at a time: sample, then free it before the next model (and the judge) load.
     # Each model samples with its own run's recipe: its template, sampling settings and seed.
     ours, theirs = (_sample_one(ref_recipe, ref_dir, name, instructions, samples) for _, ref_dir, name, ref_recipe in refs)
@@ -200,17 +200,15 @@ def summary_text(r: dict) -> str:
 def _sample_one(recipe: Recipe, run_dir: Path, name: str, instructions, samples: int = 1):
     """`samples` outputs per instruction from model `name` of `run_dir`, with the recipe's template,
     sampling and seed."""
-    from minitpo import engine
     from minitpo.model import load_policy
     from minitpo.sample import sample_candidates
 
-    template = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
+    template = load_template(recipe.thought)
     adapter = None if name == "seed" else rundir.adapter_dir(run_dir, name)
     policy, tokenizer = load_policy(recipe.policy, adapter)
     policy.eval()
     candidates = sample_candidates(policy, tokenizer, instructions, template, recipe.sampling, k=samples,
                                    seed=recipe.sampling.seed, system_prompt=recipe.thought.system_prompt)
-    engine.release()
     del policy
     free_memory()
     return candidates

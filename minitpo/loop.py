@@ -31,7 +31,7 @@ from pathlib import Path
 
 import click
 
-from minitpo import dist, engine, io, rundir, suites
+from minitpo import dist, io, rundir, suites
 from minitpo.config import Recipe
 from minitpo.recipe import recipe_to_dict
 from minitpo.evaluate import held_out_warning
@@ -53,7 +53,7 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     """Run (or resume) every iteration of `recipe` in `recipe.out`; return the run directory."""
     dist.init()
     out = Path(recipe.out)
-    template = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
+    template = load_template(recipe.thought)
     data = recipe.data
     items, notes = read_instructions(data)  # fails on a bad file, dataset, split or column
     for note in notes if dist.is_main() else ():
@@ -144,8 +144,8 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     is done (minitpo/stages.py), and the next reads that file back: a resumed run goes on from the same data."""
     stages = Stages(it)
     # 1-3. K thought+response candidates per instruction from M_{t-1}, split at the marker.
+    # the sampler's model copy, KV cache and CUDA graphs are freed as sample_candidates returns, before the judge loads
     rows = stages.run(SAMPLE, lambda: sample_stage(*policy.at(t - 1), instructions, template, recipe, seed=recipe.sampling.seed + t))
-    engine.release()  # the sampler's model copy, KV cache and CUDA graph go before the judge loads
     candidates = [Candidate(**row) for row in rows]
 
     # 4. The judge scores responses only (never thoughts); 5. length control normalises them per instruction.

@@ -314,7 +314,7 @@ def _check_files(recipe: Recipe) -> None:
         load_prompt_template(judge.prompt)
     from minitpo.prompts import load_template  # a shipped name or a file: validates it and its marker
 
-    marker = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words).marker
+    marker = load_template(recipe.thought).marker
     for stop in recipe.sampling.stop:
         if marker and marker in stop:  # the output would end where its response starts
             raise UserError(f"sampling.stop: {stop!r} holds the thought marker {marker!r}, so no output could have "
