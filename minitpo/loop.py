@@ -31,7 +31,7 @@ from pathlib import Path
 
 import click
 
-from minitpo import dist, engine, io, rundir, suites
+from minitpo import dist, io, rundir, suites
 from minitpo.config import Recipe
 from minitpo.recipe import recipe_to_dict
 from minitpo.evaluate import held_out_warning
@@ -53,7 +53,7 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     """Run (or resume) every iteration of `recipe` in `recipe.out`; return the run directory."""
     dist.init()
     out = Path(recipe.out)
-    template = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
+    template = load_template(recipe.thought)
     data = recipe.data
     items, notes = read_instructions(data)  # fails on a bad file, dataset, split or column
     for note in notes if dist.is_main() else ():
@@ -147,14 +147,13 @@ def _plan(recipe: Recipe, longest: int | None) -> dict:
 
 
 def _judge_check(out: Path, recipe: Recipe) -> None:
-    from minitpo.judges.check import at_chance, check_judge, sanity_items, warning
+    from minitpo.judges.check import at_chance, check_judge, headline, sanity_items, warning
 
     path = out / rundir.JUDGE_CHECK
     if not path.exists():
         io.write_json(path, check_judge(recipe.judge, sanity_items()))
     checked = io.read_json(path)
-    click.echo(f"judge-check: accuracy {checked['accuracy']:.3f} (95% CI {checked['ci_low']:.3f}-"
-               f"{checked['ci_high']:.3f}) over {checked['n']} items")
+    click.echo(headline(checked))
     if at_chance(checked):
         click.echo(warning(checked), err=True)
 
@@ -165,8 +164,8 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     is done (minitpo/stages.py), and the next reads that file back: a resumed run goes on from the same data."""
     stages = Stages(it, predicted)  # predicted: {stage: GiB}, recorded beside the measured peaks
     # 1-3. K thought+response candidates per instruction from M_{t-1}, split at the marker.
+    # the sampler's model copy, KV cache and CUDA graphs are freed as sample_candidates returns, before the judge loads
     rows = stages.run(SAMPLE, lambda: sample_stage(*policy.at(t - 1), instructions, template, recipe, seed=recipe.sampling.seed + t))
-    engine.release()  # the sampler's model copy, KV cache and CUDA graph go before the judge loads
     candidates = [Candidate(**row) for row in rows]
 
     # 4. The judge scores responses only (never thoughts); 5. length control normalises them per instruction.
@@ -176,7 +175,7 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     final = {(s["instruction_id"], s["index"]): s["final"] for s in scores}
 
     # 6. Best vs worst become pairs; their reference log-probs come from M_{t-1}, before training changes it.
-    pairs = build_pairs(judged(candidates, raw), raw, final)  # an unjudged response is in no pair
+    pairs = build_pairs(judged(candidates, raw), raw, final, recipe.judge.min_chosen)  # an unjudged response is in no pair
     pair_rows = stages.run(PAIR, lambda: reference_stage(*policy.at(t - 1), pairs, recipe.train, policy))
 
     # 7. DPO on this iteration's pairs only: M_{t-1} -> M_t. 8. Save: train_stage writes the adapter of M_t.
@@ -216,7 +215,7 @@ def judge_stage(candidates: list[Candidate], cfg, cache_path: Path) -> dict | No
         return None
     raw = {(c.instruction_id, c.index): s for part in scored for c, s in part if s is not None}
     candidates = judged(candidates, raw)
-    rho = auto_rho(candidates, raw) if cfg.rho == "auto" else cfg.rho
+    rho = auto_rho(candidates, raw, cfg.min_chosen) if cfg.rho == "auto" else cfg.rho
     final = control_length(candidates, raw, rho)
     return {cache_path.name: merge_caches, rundir.JUDGE_STATS: stats, rundir.SCORES: [
         {"instruction_id": c.instruction_id, "index": c.index, "score": raw[(c.instruction_id, c.index)],
