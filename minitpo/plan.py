@@ -193,7 +193,7 @@ def plan_recipe(recipe: Recipe, gpu_memory_gb: float | None, device: str = "cuda
     e = {"float32": 4, "bfloat16": 2, "float16": 2}.get(pol.dtype, 2 if device == "cuda" else 4)
     e_act = 2 if device == "cuda" or tr.autocast == "bfloat16" or (tr.autocast == "auto" and cpu_has_native_bf16()) else e
     if prompt_tokens is None:
-        template = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
+        template = load_template(recipe.thought)
         prompt_tokens = math.ceil((recipe.data.max_chars + len(template.text)) / CHARS_PER_TOKEN)
     nf4 = pol.quantization == "nf4"
     weights = shape["linear"] * NF4_BYTES + (shape["params"] - shape["linear"]) * e if nf4 else shape["params"] * e
