@@ -62,7 +62,6 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     held_out, slices = split_instructions(items, data.per_iteration, data.held_out, recipe.iterations, data.seed,
                                           kept=kept)  # fails on a short file before anything is written
     longest = _check_lengths(recipe, out, template, held_out, slices[:recipe.iterations], fresh)
-    predicted = _plan(recipe, longest)  # printed first; stages.json keeps its peaks beside the measured ones
     with ExitStack() as held:
         def setup():
             held.enter_context(rundir.lock(out))  # one writer: a second run on this directory stops here
@@ -86,6 +85,7 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
             if recipe.evaluate and (warning := held_out_warning(recipe.data.held_out)):  # before the hours, too
                 click.echo(f"warning: {warning}", err=True)
         dist.on_main(setup)  # rank 0 alone holds the lock and writes; a refusal stops every rank
+        predicted = _plan(recipe, longest)  # printed before any model loads; stages.json keeps its peaks
         live = held.enter_context(Live(recipe.log.to, out, recipe_to_dict(recipe), main=dist.is_main()))
 
         policy = Policy(recipe, out)
