@@ -130,9 +130,13 @@ def _check_lengths(recipe: Recipe, out: Path, template, held_out, slices, fresh:
 
 def _plan(recipe: Recipe, longest: int | None) -> dict:
     """The plan's predicted peak of each stage (minitpo/plan.py), printed by rank 0 as one block; {} with
-    a one-line note when it cannot be made (it advises, it never stops a run)."""
+    a one-line note when it cannot be made (it advises, it never stops a run), and {} without a word when
+    nothing is left to sample (`longest` None: a finished run, or one resumed after its last sampling)."""
     from minitpo.errors import UserError
     from minitpo.plan import detected_gpu_memory, plan_recipe, plan_text, stage_peaks
+
+    if longest is None:
+        return {}
 
     device = pick_device()
     try:
