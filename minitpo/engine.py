@@ -59,6 +59,7 @@ RESERVE_BYTES = 2 << 30  # kept free on the GPU for prefill activations and allo
 WORKSPACE_PER_VOCAB = 32  # bytes per slot per vocab entry: fp32 logits, sort values+indices, cumsum
 
 _cached = None  # (key, _Engine): the last engine, reused by the next call with the same key
+_slots_built: list[int] = []  # the slots of each engine built since the last slots_built() call
 
 
 class SlotCache:
@@ -441,7 +442,16 @@ def _engine(model, n_prompts, batch_size, n_cols, max_new, temperature, top_p, e
     release()
     e = _build(model, want, n_cols, max_new, temperature, top_p, eos, pad, cuda_graphs, compile, budget, stop)
     _cached = (key, e)
+    _slots_built.append(e.slots.cur.shape[0])
     return e
+
+
+def slots_built() -> list[int]:
+    """The number of slots of each engine built since the last call, in order (batch_size auto: what the
+    free memory held then), for the run directory to record; the list starts again empty."""
+    built = list(_slots_built)
+    _slots_built.clear()
+    return built
 
 
 def release():

@@ -146,6 +146,8 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     stages = Stages(it)
     # 1-3. K thought+response candidates per instruction from M_{t-1}, split at the marker.
     rows = stages.run(SAMPLE, lambda: sample_stage(*policy.at(t - 1), instructions, template, recipe, seed=recipe.sampling.seed + t))
+    if slots := engine.slots_built():  # the fast engine's slots per pass: batch_size auto is known only now
+        stages.record("sampling_slots", slots)
     engine.release()  # the sampler's model copy, KV cache and CUDA graph go before the judge loads
     candidates = [Candidate(**row) for row in rows]
 
@@ -257,7 +259,7 @@ class Policy:
             gc.collect()
             adapter = rundir.adapter_dir(self.out, rundir.iteration_name(t)) if t > 0 else None
             self.model, self.tokenizer = load_policy(self.recipe.policy, adapter, self.device)
-            if _checkpointing(self.recipe):
+            if self.recipe.train.gradient_checkpointing:  # resolved in the schema (Recipe)
                 enable_checkpointing(self.model)
             self.trained = t
         return self.model, self.tokenizer
@@ -268,8 +270,3 @@ class Policy:
 
     def free_cache(self):
         free_memory()
-
-
-def _checkpointing(recipe: Recipe) -> bool:
-    on = recipe.train.gradient_checkpointing
-    return recipe.policy.quantization == "nf4" if on is None else on

@@ -9,6 +9,7 @@ runs from any working directory); paths given as command-line overrides against 
 directory, as a shell user expects.
 """
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -153,6 +154,16 @@ def recipe_to_dict(recipe: Recipe) -> dict:
             return {k: plain(v) for k, v in x.items()}
         return list(x) if isinstance(x, tuple) else x
     return plain(dataclasses.asdict(recipe))
+
+
+def resolved_as_now(raw: dict) -> dict | None:
+    """A run directory's recipe.yaml (`raw`, as read) with the defaults the schema resolves now filled in
+    (a null gradient_checkpointing as an older minitpo wrote it: true with nf4), for comparing with a
+    resumed run's recipe; None when it no longer loads."""
+    try:
+        return recipe_to_dict(_build(Recipe, copy.deepcopy(raw), prefix=""))
+    except UserError:
+        return None
 
 
 def _resolve_packaged_models(raw: dict) -> dict:

@@ -9,7 +9,8 @@ a resumed run skips a done stage and reads that file back. `Stages(it).run(STAGE
 - writes them on rank 0 alone, in order, the stage's own file last: a list as JSONL, a dict as JSON,
   a function as fn(path) (an adapter folder, a cache merged from the ranks' parts);
 - records in iter-N/stages.json the stage's wall time, the world size and, on a GPU, the most memory
-  torch held during it (this rank's);
+  torch held during it (this rank's); `record` adds what a stage chose at run time (the sampler's
+  slots under batch_size auto, `sampling_slots`);
 - returns the stage's rows read back from its file, so a run that stopped and one that did not go on
   from the same data.
 """
@@ -34,7 +35,7 @@ SAMPLE = Stage("sample", rundir.CANDIDATES)
 JUDGE = Stage("judge", rundir.SCORES)
 PAIR = Stage("pair", rundir.PAIRS)
 TRAIN = Stage("train", rundir.TRAIN_SUMMARY)
-_NOT_TIMES = ("world_size", "peak_gpu_gib")  # what stages.json holds beside the stages' wall times
+_NOT_TIMES = ("world_size", "peak_gpu_gib", "sampling_slots")  # what stages.json holds beside the stages' wall times
 
 
 class Stages:
@@ -66,6 +67,12 @@ class Stages:
             self.times[stage.name] = None
             self._save_times()
         return io.read_jsonl(path) if path.suffix == ".jsonl" else io.read_json(path)
+
+    def record(self, key: str, value) -> None:
+        """Keep `value` in stages.json under `key` (one of _NOT_TIMES): what a stage chose at run time."""
+        assert key in _NOT_TIMES, f"{key} is not a stages.json key beside the times"
+        self.times[key] = value
+        self._save_times()
 
     def wall_times(self) -> dict:
         """{stage name: seconds} (None for a time lost to a kill), for the iteration's summary."""

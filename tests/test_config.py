@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from minitpo.recipe import load_recipe, recipe_to_dict
 from minitpo.errors import UserError
@@ -117,6 +118,33 @@ def test_cached_hub_id_passes_offline(files, hub_offline):
     (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
     recipe = load_recipe(write(files, BASE), ["policy.model=someone/cached-model"])
     assert recipe.policy.model == "someone/cached-model"
+
+
+@pytest.mark.parametrize("overrides, checkpointing, thought_tokens, batch_size", [
+    ([], True, None, "auto"),  # nf4 checkpoints; no forcing, no budget; the fast engine's auto is known at run time
+    (["policy.quantization=none"], False, None, "auto"),
+    (["train.gradient_checkpointing=false"], False, None, "auto"),
+    (["policy.quantization=none", "train.gradient_checkpointing=true"], True, None, "auto"),
+    (["sampling.force_marker=true", "sampling.max_new_tokens=101"], True, 50, "auto"),
+    (["sampling.force_marker=true", "sampling.max_new_tokens=2"], True, 1, "auto"),
+    (["sampling.force_marker=true", "sampling.thought_tokens=30"], True, 30, "auto"),
+    (["sampling.engine=generate"], True, None, 64),
+    (["sampling.engine=generate", "sampling.batch_size=8"], True, None, 8),
+    (["sampling.batch_size=8"], True, None, 8),
+])
+def test_defaults_are_resolved_into_the_recipe_and_read_back_the_same(files, overrides, checkpointing,
+                                                                      thought_tokens, batch_size):
+    recipe = load_recipe(write(files, BASE), overrides)
+    assert recipe.train.gradient_checkpointing is checkpointing
+    assert recipe.sampling.thought_tokens == thought_tokens and recipe.sampling.batch_size == batch_size
+    # what a run writes as recipe.yaml loads back to the same recipe (eval, chat and a resume read it)
+    saved = write(files, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), name="saved.yaml")
+    assert recipe_to_dict(load_recipe(saved, check_files=False)) == recipe_to_dict(recipe)
+
+
+def test_forcing_with_one_new_token_is_refused(files):
+    with pytest.raises(UserError, match="sampling.max_new_tokens: 1 is out of range; use 2 or more with force_marker"):
+        load_recipe(write(files, BASE), ["sampling.force_marker=true", "sampling.max_new_tokens=1"])
 
 
 def test_missing_required_key(files):
