@@ -136,6 +136,10 @@ class JudgeConfig:
     # than this is unjudged: left out of pairs and counted, never scored. Under 0.5, the judge's likeliest
     # next text is not a rating at all: read as text, its verdict would fail to parse more often than not.
     min_verdict_mass: float = 0.5
+    # A response the judge scores below this is never the chosen side of a pair (it may be the rejected one);
+    # null: any parsed response may be chosen. For a judge whose lowest scores mean "no answer at all" (the
+    # verifiable rule judge's 0 for an empty, two-word or copied reply).
+    min_chosen: float | None = None
 
     def __post_init__(self):
         if self.rho != "auto":

@@ -158,7 +158,7 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     final = {(s["instruction_id"], s["index"]): s["final"] for s in scores}
 
     # 6. Best vs worst become pairs; their reference log-probs come from M_{t-1}, before training changes it.
-    pairs = build_pairs(judged(candidates, raw), raw, final)  # an unjudged response is in no pair
+    pairs = build_pairs(judged(candidates, raw), raw, final, recipe.judge.min_chosen)  # an unjudged response is in no pair
     pair_rows = stages.run(PAIR, lambda: reference_stage(*policy.at(t - 1), pairs, recipe.train, policy))
 
     # 7. DPO on this iteration's pairs only: M_{t-1} -> M_t. 8. Save: train_stage writes the adapter of M_t.
@@ -198,7 +198,7 @@ def judge_stage(candidates: list[Candidate], cfg, cache_path: Path) -> dict | No
         return None
     raw = {(c.instruction_id, c.index): s for part in scored for c, s in part if s is not None}
     candidates = judged(candidates, raw)
-    rho = auto_rho(candidates, raw) if cfg.rho == "auto" else cfg.rho
+    rho = auto_rho(candidates, raw, cfg.min_chosen) if cfg.rho == "auto" else cfg.rho
     final = control_length(candidates, raw, rho)
     return {cache_path.name: merge_caches, rundir.JUDGE_STATS: stats, rundir.SCORES: [
         {"instruction_id": c.instruction_id, "index": c.index, "score": raw[(c.instruction_id, c.index)],

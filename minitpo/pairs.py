@@ -56,7 +56,8 @@ def control_length(candidates, raw: dict[tuple[int, int], float], rho: float) ->
     return final
 
 
-def build_pairs(candidates, raw: dict[tuple[int, int], float], final: dict[tuple[int, int], float]) -> list[Pair]:
+def build_pairs(candidates, raw: dict[tuple[int, int], float], final: dict[tuple[int, int], float],
+                min_chosen: float | None = None) -> list[Pair]:
     """One pair per instruction that has a preference.
 
     `raw` and `final` map (instruction_id, candidate index) -> the judge's score and the
@@ -66,7 +67,11 @@ def build_pairs(candidates, raw: dict[tuple[int, int], float], final: dict[tuple
     that failure: the two share every token up to where the marker was appended, so DPO's preference
     falls on writing the marker there (and on the response after it), not on a different text.
     Otherwise the lowest-index failure, for determinism. No pair when no candidate parsed, or when
-    the judge gave every parsed candidate the same score and there is no failure to reject."""
+    the judge gave every parsed candidate the same score and there is no failure to reject.
+
+    `min_chosen` (judge.min_chosen): a response the judge scored below it is never chosen, though it may
+    be rejected. Without it, a response the judge rates as no answer at all (a rule judge's 0 for an empty
+    or two-word reply) is chosen whenever its siblings failed to parse, and DPO trains the model to write it."""
     pairs = []
     for group in by_instruction(candidates):
         parsed = [c for c in group if c.parsed]
@@ -75,7 +80,10 @@ def build_pairs(candidates, raw: dict[tuple[int, int], float], final: dict[tuple
             continue
         keys = [(c.instruction_id, c.index) for c in parsed]
         s, r = [final[k] for k in keys], [raw[k] for k in keys]
-        best = max(range(len(parsed)), key=lambda j: (s[j], -j))
+        eligible = [j for j in range(len(parsed)) if min_chosen is None or r[j] >= min_chosen]
+        if not eligible:
+            continue  # nothing the judge would call an answer: no side to prefer
+        best = max(eligible, key=lambda j: (s[j], -j))
         chosen = parsed[best]
         if chosen.forced and chosen.unforced_text:
             pairs.append(Pair(
@@ -104,12 +112,12 @@ def build_pairs(candidates, raw: dict[tuple[int, int], float], final: dict[tuple
 RHO_GRID = [i / 20 for i in range(11)]  # 0, 0.05, ..., 0.5: the paper's range
 
 
-def auto_rho(candidates, raw: dict[tuple[int, int], float]) -> float:
+def auto_rho(candidates, raw: dict[tuple[int, int], float], min_chosen: float | None = None) -> float:
     """The smallest rho on RHO_GRID for which the mean chosen response is not longer than the mean
     rejected one (how the paper tunes it, docs/method.md step 5); 0.5 when none is. Only pairs whose rejected
     side parsed have a response length to compare; with none, rho = 0."""
     for rho in RHO_GRID:
-        chosen, rejected = pair_lengths(candidates, build_pairs(candidates, raw, control_length(candidates, raw, rho)))
+        chosen, rejected = pair_lengths(candidates, build_pairs(candidates, raw, control_length(candidates, raw, rho), min_chosen))
         if not chosen or statistics.fmean(chosen) <= statistics.fmean(rejected):
             return rho
     return RHO_GRID[-1]

@@ -77,6 +77,27 @@ def test_no_pair_without_parsed_candidates_or_with_ties():
     assert build_pairs(failures + ties, raw, control_length(failures + ties, raw, rho=0.5)) == []
 
 
+def test_min_chosen_keeps_a_non_answer_off_the_chosen_side():
+    """Instruction 0: its only parsed response scored 0 (a rule judge's "no answer"), its siblings failed to
+    parse. Without a floor the 0 is chosen against a failure; with min_chosen 1 there is no pair. Instruction
+    1: the best (9) is chosen either way, and the 0 may still be the rejected side. Instruction 2: the best
+    response is a forced one that scored 0, the other scored 3: with the floor the 3 is chosen, against the
+    failure, not the forced response's own first pass."""
+    import dataclasses
+
+    forced = dataclasses.replace(cand(2, 0, "</"), forced=True, unforced_text="t0 more")
+    cands = [cand(0, 0, "</"), cand(0, 1, "", parsed=False),
+             cand(1, 0, "good"), cand(1, 1, "</"),
+             forced, cand(2, 1, "fine"), cand(2, 2, "", parsed=False)]
+    raw = {(0, 0): 0.0, (1, 0): 9.0, (1, 1): 0.0, (2, 0): 0.0, (2, 1): 3.0}
+    final = {(2, 0): 5.0, (2, 1): 1.0, **{k: v for k, v in raw.items() if k[0] != 2}}  # the 0 ranked first
+    no_floor = build_pairs(cands, raw, final)
+    assert [(p.instruction_id, p.chosen_index, p.rejected_index) for p in no_floor] == [(0, 0, 1), (1, 0, 1), (2, 0, 0)]
+    floored = build_pairs(cands, raw, final, min_chosen=1.0)
+    assert [(p.instruction_id, p.chosen_index, p.rejected_index) for p in floored] == [(1, 0, 1), (2, 1, 2)]
+    assert floored[1].rejected == "t2 <R> " and not floored[1].rejected_parsed
+
+
 def test_pairs_per_instruction_and_prompt_kept():
     cands = [cand(0, 0, "a"), cand(0, 1, "b"), cand(1, 0, "c"), cand(1, 1, "d")]
     raw = {(0, 0): 1.0, (0, 1): 2.0, (1, 0): 9.0, (1, 1): 3.0}
