@@ -21,7 +21,8 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from minitpo.engine import generate_tokens, release  # noqa: E402
+from minitpo.config import SamplingConfig  # noqa: E402
+from minitpo.engine import Sampler  # noqa: E402
 from test_engine import PAD, tiny  # noqa: E402
 
 MAX_NEW = 48
@@ -65,9 +66,9 @@ def main():
         stops = sum(s for _, s in expected)
         line = f"{kind:<7} eos={eos[0]:<3} stopped {stops:>2}/{len(prompts)}:"
         for name, flags in variants.items():
-            got = generate_tokens(model, prompts, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
-                                  eos_token_ids=eos, pad_token_id=PAD, batch_size=len(prompts), seeds=[0] * len(prompts), **flags)
-            release()
+            greedy = SamplingConfig(temperature=0.0, top_p=1.0, batch_size=len(prompts))
+            with Sampler(model, greedy, eos_token_ids=eos, pad_token_id=PAD, **flags) as sampler:
+                got = sampler.generate(prompts, max_new_tokens=MAX_NEW, seeds=[0] * len(prompts))
             same = sum(a == b for a, b in zip(got, expected))
             tokens = sum(len(a) for a, _ in expected)
             agree = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

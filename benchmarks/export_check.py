@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minitpo.export import export_gguf  # noqa: E402
-from minitpo.judges.llama import no_weight_repacking, quiet_stderr  # noqa: E402
+from minitpo.llamacpp import no_weight_repacking, quiet_stderr  # noqa: E402
 from minitpo.prompts import build_prompt  # noqa: E402
 from minitpo.rundir import resolve_adapter  # noqa: E402
 

@@ -36,7 +36,7 @@ def main():
     model, tokenizer = load_policy(recipe.policy)
     print(f"{'template':<10} {'force':<6} {'marker (natural)':>16} {'parsed':>7} {'truncated':>9} {'tokens':>7} {'s':>6}")
     for name in args.templates:
-        template = load_template(name, recipe.thought.marker, recipe.thought.min_words)
+        template = load_template(dataclasses.replace(recipe.thought, template=name))
         for force in (False, True):
             cfg = dataclasses.replace(recipe.sampling, force_marker=force, k=args.k)
             t0 = time.perf_counter()

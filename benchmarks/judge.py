@@ -16,6 +16,7 @@ import os
 import random
 import time
 
+from minitpo import llamacpp
 from minitpo.judges import llama as judge
 from minitpo.config import JudgeConfig
 
@@ -69,7 +70,7 @@ def main():
 
     gpu_before = gpu_used_mib()  # first: it imports torch, which the RSS numbers then all include
     rss_before = rss_mib()
-    with judge.open_llama_judge(cfg) as llm:
+    with llamacpp.open_llama_judge(cfg) as llm:
         rss_loaded, gpu_loaded = rss_mib(), gpu_used_mib()
         judge.score_with_llama(llm, template, instructions[:2], responses[:2])  # warm-up
         runs = {}
@@ -77,8 +78,8 @@ def main():
             t0 = time.perf_counter()
             runs[reuse] = judge.score_with_llama(llm, template, instructions, responses, reuse_prefix=reuse)
             runs[reuse, "s"] = time.perf_counter() - t0
-        turn = judge.model_chat_turn(llm)
-        n_tokens = [len(judge.tokenize_prompt(llm, judge.judge_prompt_parts(template, i, r, turn)))
+        turn = llamacpp.model_chat_turn(llm)
+        n_tokens = [len(llamacpp.tokenize_prompt(llm, judge.judge_prompt_parts(template, i, r, turn)))
                     for i, r in zip(instructions[: args.k], responses[: args.k])]
     rss_closed = rss_mib()
 

@@ -1,4 +1,4 @@
-"""Sampling throughput: plain HF `generate` on the QLoRA policy vs minitpo.engine.generate_tokens.
+"""Sampling throughput: plain HF `generate` on the QLoRA policy vs minitpo.engine.Sampler.
 
 Builds a random-weight model of the given shape (NF4 base via bitsandbytes on CUDA, `--quant none`
 for CPU runs) with a LoRA adapter whose B is non-zero, then times each method on the same prompts:
@@ -33,8 +33,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
 
+from minitpo.config import SamplingConfig
 from minitpo.device import cpu_has_native_bf16
-from minitpo.engine import generate_tokens, release, sample_next
+from minitpo.draw import sample_next
+from minitpo.engine import Sampler
 from minitpo.model import hf_model
 
 SHAPES = {
@@ -97,7 +99,7 @@ def main():
     ap.add_argument("--skip-generate", action="store_true", help="time only the engine")
     ap.add_argument("--nucleus", default=None, metavar="N[,N2]",
                     help="CPU: the top-k sizes tried for the top-p nucleus before the full sort "
-                         "(engine.NUCLEUS_CANDIDATES for this run; e.g. 1024,8192)")
+                         "(draw.NUCLEUS_CANDIDATES for this run; e.g. 1024,8192)")
     ap.add_argument("--bound", action="store_true",
                     help="also time the engine's decode step (the run less a one-token run: prefill and first "
                          "token) and the step's matmuls alone (float32, and bf16 where the CPU has it), and print "
@@ -140,18 +142,24 @@ def main():
                              min_new_tokens=args.new_tokens, pad_token_id=0)
         assert out.shape[1] == args.prompt_len + args.new_tokens
 
-    def engine():
-        out = generate_tokens(model, prompts.tolist(), max_new_tokens=args.new_tokens, temperature=0.8, top_p=0.95,
-                              eos_token_ids=[], pad_token_id=0, batch_size=args.batch, seeds=list(range(len(prompts))),
-                              cuda_graphs=not args.no_compile, compile=not (args.no_compile or args.graphs_only))
+    def sampler():
+        """The engine with this run's flags, for a `with` block: its calls share one build."""
+        return Sampler(model, SamplingConfig(temperature=0.8, top_p=0.95, batch_size=args.batch), eos_token_ids=[],
+                       pad_token_id=0, cuda_graphs=not args.no_compile, compile=not (args.no_compile or args.graphs_only))
+
+    def engine_call(s, new_tokens):
+        return s.generate(prompts.tolist(), max_new_tokens=new_tokens, seeds=list(range(len(prompts))))
+
+    def engine(s):
+        out = engine_call(s, args.new_tokens)
         assert all(len(toks) == args.new_tokens and not stopped for toks, stopped in out)
 
     rows = []
     if not args.skip_generate:
         rows.append(("HF generate", *timed(hf_generate, device)))
     name = "minitpo engine" + (" (eager)" if args.no_compile else " (graphs only)" if args.graphs_only else "")
-    rows.append((name, *timed(engine, device)))
-    release()
+    with sampler() as s:  # the warm-up call builds, the timed call reuses the build
+        rows.append((name, *timed(lambda: engine(s), device)))
 
     gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
     print(f"{'method':<34}{'seconds':>9}{'tok/s':>10}{'peak mem':>12}")
@@ -160,20 +168,14 @@ def main():
     if len(rows) == 2:
         print(f"speed-up: {rows[0][1] / rows[1][1]:.1f}x")
     if device.type == "cuda":
-        print(f"allocated after release(): {gib(torch.cuda.memory_allocated())} (the policy itself)")
+        print(f"allocated after the sampler closed: {gib(torch.cuda.memory_allocated())} (the policy itself)")
     if args.profile:
-        print_step_profile(lambda n: generate_tokens(
-            model, prompts.tolist(), max_new_tokens=n, temperature=0.8, top_p=0.95, eos_token_ids=[], pad_token_id=0,
-            batch_size=args.batch, seeds=list(range(len(prompts))), cuda_graphs=not args.no_compile,
-            compile=not (args.no_compile or args.graphs_only)), args.new_tokens)
+        with sampler() as s:
+            print_step_profile(lambda n: engine_call(s, n), args.new_tokens)
     if args.bound:
         # the engine's decode step alone: the same call with one new token is the prefill and one step
-        def one_token():
-            generate_tokens(model, prompts.tolist(), max_new_tokens=1, temperature=0.8, top_p=0.95, eos_token_ids=[],
-                            pad_token_id=0, batch_size=args.batch, seeds=list(range(len(prompts))),
-                            cuda_graphs=not args.no_compile, compile=not (args.no_compile or args.graphs_only))
-        first_s, _ = timed(one_token, device)
-        release()
+        with sampler() as s:
+            first_s, _ = timed(lambda: engine_call(s, 1), device)
         step_s = (rows[-1][1] - first_s) / (args.new_tokens - 1)
         print(f"engine: prefill + first token {first_s:.2f} s; decode {step_s * 1e3:.1f} ms/step, "
               f"{args.batch / step_s:.0f} tok/s")
@@ -202,7 +204,6 @@ def print_step_profile(call, new_tokens):
         return {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
 
     full, one = self_ms(new_tokens), self_ms(1)
-    release()
     per_step = {op: (ms - one.get(op, 0.0)) / (new_tokens - 1) for op, ms in full.items()}
     groups = {}
     for op, ms in per_step.items():

@@ -11,7 +11,8 @@ every IFEval instruction and loses to the baseline.
                           for a GGUF judge; a pointwise judge scores both): raw and length-controlled
                           win rate with bootstrap intervals, per category (minitpo.evaluate.aggregate)
 
-Produces, in RUN_DIR/bench/SUITE/ (every file written atomically, so a killed bench continues):
+Produces, in RUN_DIR/bench/SUITE/ (names from minitpo.rundir; every file written atomically, so a killed
+bench continues):
   LABEL.answers.jsonl            one row per prompt answered so far (written every CHUNK prompts)
   LABEL.judged-JUDGE.jsonl       p = P(model's response better than the baseline's) per prompt, per judge
   LABEL.model_outputs.json       alpaca_eval: instruction, output, generator (the official evaluator's input)
@@ -64,17 +65,18 @@ def bench(run_dir: str | Path, models: list[str], suite: str, limit: int | None 
         if trained:  # the run-time warning was missed or ignored: these scores measure training data
             click.echo(f"warning: {label} was trained on {len(trained)} of these {suite} prompts; its score on "
                        "them is not a held-out benchmark", err=True)
-    folder = rundir.bench_dir(run_dir, suite)
     results = {}
     for label, ref_dir, name, ref_recipe in refs:
         started = time.perf_counter()
-        answers = answer(ref_recipe, ref_dir, name, prompts, folder / f"{label}.answers.jsonl", label)
+        cache = rundir.bench_file(run_dir, suite, label, rundir.BENCH_ANSWERS)
+        answers = answer(ref_recipe, ref_dir, name, prompts, cache, label)
         if suite == "ifeval":
             scored = ifeval.score_responses(prompts, [a["response"] for a in answers])
-            io.write_jsonl(folder / f"{label}.ifeval.jsonl", scored["rows"])
+            io.write_jsonl(rundir.bench_file(run_dir, suite, label, rundir.BENCH_IFEVAL), scored["rows"])
             results[label] = {**scored["summary"], "parse_rate": _parse_rate(answers)}
         else:
-            rows = judge_against_baseline(judge, prompts, answers, folder / f"{label}.judged-{_fingerprint(judge)}.jsonl")
+            judged = rundir.bench_file(run_dir, suite, label, rundir.bench_judged(_fingerprint(judge)))
+            rows = judge_against_baseline(judge, prompts, answers, judged)
             result = aggregate(rows, label, "baseline")
             result["parse_rate"] = _parse_rate(answers)
             result["response_chars"] = result["response_chars"][label]
@@ -84,7 +86,7 @@ def bench(run_dir: str | Path, models: list[str], suite: str, limit: int | None 
                 result.pop(key)
             results[label] = result
             if suite == "alpaca_eval":  # the official evaluator's input (alpaca_eval --model_outputs ...)
-                io.write_json(folder / f"{label}.model_outputs.json",
+                io.write_json(rundir.bench_file(run_dir, suite, label, rundir.BENCH_OUTPUTS),
                               [{"instruction": p["prompt"], "output": a["response"], "generator": label}
                                for p, a in zip(prompts, answers)])
         results[label]["seconds"] = round(time.perf_counter() - started, 1)  # this call's, cached work excluded
@@ -117,28 +119,30 @@ def answer(recipe, run_dir: Path, name: str, prompts: list[dict], cache: Path, l
     with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"{label} answers", unit="prompt",
               dynamic_ncols=True) as bar:
         if todo:
-            from minitpo import engine
             from minitpo.model import load_policy
             from minitpo.prompts import load_template
-            from minitpo.sample import sample_candidates
+            from minitpo.sample import open_sampler, sample_candidates
 
-            template = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
+            template = load_template(recipe.thought)
             policy, tokenizer = load_policy(recipe.policy, None if name == "seed" else rundir.adapter_dir(run_dir, name))
             policy.eval()
             number = {json.dumps(p["key"]): i for i, p in enumerate(prompts)}
-            for start in range(0, len(todo), CHUNK):
-                chunk = todo[start:start + CHUNK]
-                # the id seeds the candidate's draw: the prompt's key, so a subset or a resume draws the same
-                instructions = [Instruction(id=p["key"], text=p["prompt"], category=p.get("category", "")) for p in chunk]
-                for p, c in zip(chunk, sample_candidates(policy, tokenizer, instructions, template, recipe.sampling,
-                                                         seed=recipe.sampling.seed, k=1, progress=False,
-                                                         system_prompt=recipe.thought.system_prompt)):
-                    done[json.dumps(p["key"])] = {"key": p["key"], "prompt": p["prompt"], "thought": c.thought,
-                                                  "response": c.response if c.parsed else "", "parsed": c.parsed,
-                                                  "truncated": c.truncated, "n_tokens": c.n_tokens}
-                io.write_jsonl(cache, sorted(done.values(), key=lambda r: number.get(json.dumps(r["key"]), -1)))
-                bar.update(len(chunk))
-            engine.release()
+            # one sampler for every chunk: a chunk of the same shape reuses its copy and CUDA graphs
+            with open_sampler(policy, tokenizer, recipe.sampling) as sampler:
+                for start in range(0, len(todo), CHUNK):
+                    chunk = todo[start:start + CHUNK]
+                    # the id seeds the candidate's draw: the prompt's key, so a subset or a resume draws the same
+                    instructions = [Instruction(id=p["key"], text=p["prompt"], category=p.get("category", ""))
+                                    for p in chunk]
+                    for p, c in zip(chunk, sample_candidates(policy, tokenizer, instructions, template, recipe.sampling,
+                                                             seed=recipe.sampling.seed, k=1, progress=False,
+                                                             system_prompt=recipe.thought.system_prompt,
+                                                             sampler=sampler)):
+                        done[json.dumps(p["key"])] = {"key": p["key"], "prompt": p["prompt"], "thought": c.thought,
+                                                      "response": c.response if c.parsed else "", "parsed": c.parsed,
+                                                      "truncated": c.truncated, "n_tokens": c.n_tokens}
+                    io.write_jsonl(cache, sorted(done.values(), key=lambda r: number.get(json.dumps(r["key"]), -1)))
+                    bar.update(len(chunk))
             del policy
             gc.collect()
     return [done[json.dumps(p["key"])] for p in prompts]

@@ -17,7 +17,7 @@ from minitpo.data import Instruction
 from minitpo.model import load_policy
 from minitpo.prompts import Template
 from minitpo.rundir import resolve_adapter
-from minitpo.sample import generate_tokens, sample_candidates
+from minitpo.sample import sample_candidates
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,10 @@ def open_chat(path: str | Path, template: str | None = None, max_new_tokens: int
 def reply(session: ChatSession, message: str, seed: int) -> Reply:
     """One sampled output for `message`, prompted, generated and split exactly as in training
     (sample_candidates with k = 1, so stop texts and the truncation rule apply here too)."""
+    # plain generate, as chat has always sampled: one prompt at a time, nothing for the fast sampler to batch
+    sampling = dataclasses.replace(session.sampling, engine="generate")
     [c] = sample_candidates(session.model, session.tokenizer, [Instruction(id=0, text=message)], session.template,
-                            session.sampling, seed=seed, system_prompt=session.system_prompt,
-                            engine=generate_tokens, k=1, progress=False)
+                            sampling, seed=seed, system_prompt=session.system_prompt, k=1, progress=False)
     return Reply(text=c.text, thought=c.thought, response=c.response, parsed=c.parsed, truncated=c.truncated)
 
 

@@ -1,8 +1,9 @@
 """The fast sampler: new tokens for many prompts from the policy, with a per-slot static KV cache.
 
 Consumes: the policy as the loop holds it (a transformers causal LM, optionally a peft LoRA model,
-optionally on an NF4 bitsandbytes base) and prompts as token ids. Produces: for each prompt the new
-token ids (EOS excluded) and whether it stopped at EOS (False: cut at max_new_tokens).
+optionally on an NF4 bitsandbytes base), its `SamplingConfig` and prompts as token ids. Produces: for
+each prompt the new token ids (EOS excluded) and whether it stopped at EOS (False: cut at
+max_new_tokens). `Sampler` is the whole interface, a context manager that owns the memory it uses.
 
 Why it is built this way, measured on an H100 (Qwen2.5-1.5B shape, random weights, LoRA r16, 64
 prompts of 128 tokens, 256 new tokens, T 0.8, top-p 0.95; benchmarks/sample.py):
@@ -15,7 +16,7 @@ prompts of 128 tokens, 256 new tokens, T 0.8, top-p 0.95; benchmarks/sample.py):
    per projection (HF generate on an H200: NF4+LoRA 898, NF4 1,688, bf16 2,973 tok/s). So we sample
    from a bf16 copy with NF4 dequantized and the LoRA merged (W + B@A * scale): 3.1 GB for 1.5B
    parameters, only when free memory allows (else the policy runs in place), refreshed in place on
-   each call since the LoRA changes every iteration, freed by `release()`.
+   each call since the LoRA changes every iteration, freed when the `Sampler` closes.
 2. Launches. A batch-64 step is 2,777 kernels in eager PyTorch (6.5 ms even as a graph, 28 ms
    eager). The whole step (forward, top-p draw, EOS bookkeeping) is one CUDA graph, replayed. With
    compile=True the forward inside it is torch.compile'd, fusing norms, RoPE and activations (6.5 ->
@@ -33,10 +34,9 @@ prompts of 128 tokens, 256 new tokens, T 0.8, top-p 0.95; benchmarks/sample.py):
    cache. The K copies of an instruction's prompt are prefilled once and their columns copied. The
    number of slots comes from the free memory (`fit_slots`; batch_size "auto" asks for up to
    AUTO_MAX_SLOTS), within an optional budget (sampling.memory_gb).
-Distribution: temperature, then top-p exactly as HF's TopPLogitsWarper (no top-k: pass top_k=0 to
-generate to compare), then one draw by inverse CDF. Each prompt brings its own seed, and the uniform
-for its n-th token is the n-th of that seed's stream (`uniform_table`), read inside the graph: which
-slot, batch or process draws a sequence never changes its tokens.
+Distribution: minitpo/draw.py's, HF's temperature + top-p; each prompt brings its own seed, and the
+uniform for its n-th token is the n-th of that seed's stream (`uniform_table`), read inside the graph:
+which slot, batch or process draws a sequence never changes its tokens.
 """
 
 import inspect
@@ -47,8 +47,10 @@ from dataclasses import dataclass
 
 import torch
 
+from minitpo.config import SamplingConfig
 from minitpo.dense import build_sampling_model, load_dense_weights
 from minitpo.device import free_memory
+from minitpo.draw import sample_next, uniform_table
 from minitpo.model import attention_head_dim, hf_model
 
 SYNC_EVERY = 16  # decode steps between host syncs; a finished slot idles at most this long
@@ -57,10 +59,6 @@ KEY_BLOCK = 128  # decode attends to the filled cache columns rounded up to this
 PREFILL_TOKENS = 8192  # (prompts x width) per prefill forward: bounds activation memory
 RESERVE_BYTES = 2 << 30  # kept free on the GPU for prefill activations and allocator slack
 WORKSPACE_PER_VOCAB = 32  # bytes per slot per vocab entry: fp32 logits, sort values+indices, cumsum
-
-_cached = None  # (key, _Engine): the last engine, reused by the next call with the same key
-_slots_built: list[int] = []  # the slots of each engine built since the last slots_built() call
-
 
 class SlotCache:
     """K/V buffers (n_slots, H_kv, n_cols, D) per layer, allocated at first use. Prefill writes
@@ -147,67 +145,126 @@ class _Engine:
     prefill_rows: int = 0  # prompts prefilled so far: copies of a prompt in one refill count once
 
 
-# CPU: the top-p nucleus is looked for among the top 1024 tokens first, then the top 8192, then the full
-# sort. The second level takes SmolLM2's decode step at batch 128 on random prompts from 641 to 539 ms
-# (benchmarks/RESULTS.md); on a row too wide for 1024 it draws another token from the same seed than the
-# sort would (the same distribution, traversed in another order: chi-square test, tests/test_engine.py).
-NUCLEUS_CANDIDATES = (1024, 8192)
+class Sampler:
+    """The fast sampler over `model`, alive for a `with` block; it takes the recipe's sampling section
+    (temperature, top_p, batch_size, memory_gb) and the ids that end a sequence:
 
+        with Sampler(policy, recipe.sampling, eos_token_ids=eos, pad_token_id=pad) as sampler:
+            outputs = sampler.generate(prompt_ids, max_new_tokens=256, seeds=seeds)
 
-def sample_next(logits, temperature, top_p, u, candidates=NUCLEUS_CANDIDATES):
-    """Next tokens (N,) from fp32 logits (N, V), as HF samples: scores / temperature, then top-p
-    keeps the smallest set of likeliest tokens whose mass reaches top_p (always the top one), then
-    one draw from the renormalised kept mass by inverse CDF with u (N,) in [0, 1). temperature == 0
-    is greedy (argmax; first index on ties, like HF).
+    Its first call builds the engine: the sampling copy, the KV cache, and on CUDA a graph per decode
+    width as widths come up. A later call of the same shape (slots, cache columns, max_new_tokens)
+    reuses all of it, the copy's weights refreshed from the policy (its LoRA may have changed since):
+    that is where the graphs' capture (~3 s) and the compile (~60 s) pay off, for `minitpo bench`'s
+    chunks and a benchmark's timed call after its warm-up. A call of another shape frees the engine
+    and builds anew (sample_candidates' forced responses: another max_new_tokens). Leaving the block
+    frees the copy, cache and graphs, so the judge or training that comes next has the memory.
+    cuda_graphs / compile (CUDA only) are there to switch the fast paths off when they misbehave."""
 
-    On CPU a full sort of the vocabulary is most of the cost (64 x 49,152 logits: 160 ms of a 184 ms
-    draw, a third of SmolLM2's decode step), so the nucleus is first looked for among the top
-    `candidates[0]` tokens (topk, 21 ms): when their mass, under the full softmax, reaches top_p, no
-    token below them can be in the nucleus, and the kept set and its probabilities are the full sort's.
-    Rows whose nucleus is wider try the next size if there is one (a flat distribution's nucleus runs
-    to thousands of tokens: topk 8192 of 100 rows, 48 ms, against 199 ms for their sort), the rest
-    the full sort.
-    On CUDA the sort is cheap and the step runs in a CUDA graph, where a data-dependent fallback
-    cannot, so it always sorts."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    scores = logits / temperature
-    if logits.device.type != "cpu" or top_p >= 1.0:
-        return _sample_sorted(scores, top_p, u)
-    return _sample_nucleus(scores, top_p, u, (candidates,) if isinstance(candidates, int) else tuple(candidates))
+    def __init__(self, model, cfg: SamplingConfig, *, eos_token_ids, pad_token_id: int | None,
+                 cuda_graphs: bool = True, compile: bool = False):
+        self.model, self.cfg = model, cfg
+        self.eos_token_ids, self.pad_token_id = list(eos_token_ids), pad_token_id
+        self.cuda_graphs, self.compile = cuda_graphs, compile
+        self.engine: _Engine | None = None  # built by the first call, freed on exit
+        self._shape = None  # (slots wanted, cache columns, max_new_tokens) the engine was built for
+        self.slots_built: list[int] = []  # the slots of each engine built, in order (auto: what the memory held)
+        self._closed = False
 
+    def __enter__(self) -> "Sampler":
+        return self
 
-def _sample_nucleus(scores, top_p, u, candidates: tuple[int, ...]):
-    """sample_next's CPU path on scores (N, V): the rows whose nucleus lies within the top candidates[0]
-    tokens draw from them; the others from the next size, and past the last one from the full sort."""
-    if not candidates or candidates[0] >= scores.shape[-1]:
-        return _sample_sorted(scores, top_p, u)
-    n = candidates[0]
-    top, order = scores.topk(n, dim=-1)  # (N, n), descending
-    probs = (top - scores.logsumexp(-1, keepdim=True)).exp()  # true probabilities, full softmax
-    cum = probs.cumsum(-1)
-    # HF drops a token when the mass of it and every less likely token is <= 1 - top_p, i.e. when
-    # the mass of the likelier tokens (cum - probs, in descending order) is >= top_p
-    probs = probs.masked_fill(cum - probs >= top_p, 0.0)
-    cdf = probs.cumsum(-1)
-    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp_(max=n - 1)
-    out = order.gather(-1, pick).squeeze(-1)
-    wide = cum[:, -1] < top_p  # the nucleus reaches past the candidates
-    if wide.any():
-        out[wide] = _sample_nucleus(scores[wide], top_p, u[wide], candidates[1:])
-    return out
+    def __exit__(self, *exc) -> None:
+        self.close()
 
+    def close(self) -> None:
+        """Free the sampling copy, KV cache and CUDA graphs; the sampler takes no more calls."""
+        self._free()
+        self._closed = True
 
-def _sample_sorted(scores, top_p, u):
-    scores, order = torch.sort(scores, dim=-1)  # ascending, as TopPLogitsWarper sorts
-    probs = scores.softmax(-1)  # (N, V)
-    if top_p < 1.0:  # HF drops tokens whose ascending cumulative mass is <= 1 - top_p
-        drop = probs.cumsum(-1) <= 1 - top_p
-        drop[:, -1] = False
-        probs = probs.masked_fill(drop, 0.0)
-    cdf = probs.cumsum(-1)  # dropped tokens come first with mass 0, so they can never be picked
-    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
-    return order.gather(-1, pick).squeeze(-1)
+    def _free(self) -> None:
+        if self.engine is not None and self.engine.forward is not _logits:
+            torch._dynamo.reset()  # else each iteration's new engine piles up recompiles until dynamo gives up
+        self.engine = self._shape = None
+        free_memory()
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, seeds: list[int], progress=None,
+                 stop_ids=(), blank_ids=()) -> list[tuple[list[int], bool]]:
+        """For each prompt: (new token ids without EOS, stopped at EOS?). seeds: one per prompt, its draws
+        (uniform_table). A token of stop_ids also ends a sequence (it is kept, and counts as EOS) once the
+        sequence holds a token not in blank_ids: the caller, which cuts the text at its stop texts, gets
+        the same text as without them, and the tokens after the stop are never computed.
+        sampling.batch_size is the most slots decoded at once, or "auto": as many as the memory holds, up
+        to AUTO_MAX_SLOTS (fewer in either case if the KV cache wouldn't fit in the free memory, or in
+        sampling.memory_gb when given: the sampling copy, KV cache and workspace together). progress(n)
+        is told of n finished prompts."""
+        assert not self._closed, "the sampler was closed: open another"
+        assert max_new_tokens >= 1, "max_new_tokens must be >= 1"
+        assert all(map(len, prompt_ids)), "every prompt needs at least one token"
+        assert len(seeds) == len(prompt_ids), "one seed per prompt"
+        if not prompt_ids:
+            return []
+        n_cols = -(-(max(map(len, prompt_ids)) + max_new_tokens) // 64) * 64  # rounded: reuse across calls
+        e = self._engine(len(prompt_ids), n_cols, max_new_tokens, (stop_ids, blank_ids))
+        was_training = e.lm.training
+        e.lm.eval()  # sampling in place must not run LoRA dropout
+        try:
+            return _run(e, prompt_ids, max_new_tokens, seeds, progress)
+        finally:
+            e.lm.train(was_training)
+
+    def _engine(self, n_prompts: int, n_cols: int, max_new: int, stop) -> _Engine:
+        """The engine built before when this call has its shape (weights refreshed, slots reset), else a new one."""
+        batch_size = self.cfg.batch_size
+        want = min(AUTO_MAX_SLOTS if batch_size == "auto" else batch_size, n_prompts)
+        shape = (want, n_cols, max_new)
+        if self.engine is not None and self._shape == shape:
+            e = self.engine  # bound only here: a reference held past this branch would keep the old engine alive
+            if e.lm is not e.base:
+                load_dense_weights(e.lm, e.base, e.lm.dtype, e.lm.device)
+            for t in (e.slots.start, e.slots.cur, e.slots.n_gen, e.slots.active, e.slots.eos_hit, e.slots.wrote):
+                t.zero_()
+            is_stop, is_blank = _token_flags(stop, e.slots.is_stop.shape[0], e.slots.is_stop.device)
+            e.slots.is_stop.copy_(is_stop)  # in place: a recorded CUDA graph reads these addresses
+            e.slots.is_blank.copy_(is_blank)
+            return e
+        self._free()  # the old engine goes before the new one takes its memory
+        self.engine, self._shape = self._build(want, n_cols, max_new, stop), shape
+        self.slots_built.append(self.engine.slots.cur.shape[0])
+        return self.engine
+
+    def _build(self, n_slots: int, n_cols: int, max_new: int, stop) -> _Engine:
+        """A new engine: the dense copy when the memory allows it (_plan), up to n_slots slots."""
+        budget = None if self.cfg.memory_gb is None else int(self.cfg.memory_gb * 2**30)
+        base = hf_model(self.model)
+        device = next(base.parameters()).device
+        use_copy, n_slots = _plan(base, n_slots, n_cols, device, budget)
+        if use_copy:  # bf16 on the GPU; on CPU (tests) the policy's own float dtype
+            dtype = torch.bfloat16 if device.type == "cuda" else base.get_input_embeddings().weight.dtype
+            lm = build_sampling_model(base, dtype, device)
+        else:
+            lm = base
+            if base.config._attn_implementation not in ("sdpa", "eager"):
+                raise ValueError(f"sampling in place needs sdpa or eager attention, not {lm.config._attn_implementation}")
+        z = lambda dtype=torch.long: torch.zeros(n_slots, dtype=dtype, device=device)  # noqa: E731
+        slots = _Slots(z(), z(), z(), z(), z(torch.bool), z(torch.bool),
+                       torch.zeros(n_slots, max_new, dtype=torch.float, device=device),
+                       torch.zeros(n_slots, max_new, dtype=torch.long, device=device),
+                       torch.tensor(self.eos_token_ids, dtype=torch.long, device=device),
+                       *_token_flags(stop, base.get_output_embeddings().weight.shape[0], device), z(torch.bool))
+        cfg = lm.config.get_text_config()
+        kinds = frozenset(getattr(cfg, "layer_types", None) or ["full_attention"])
+        cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        e = _Engine(base, lm, SlotCache(n_slots, n_cols, slots.cur), slots, cache_kw, kinds,
+                    getattr(cfg, "sliding_window", None), float(self.cfg.temperature), float(self.cfg.top_p),
+                    self.pad_token_id)
+        e.forward = _logits
+        if self.compile and use_copy and device.type == "cuda":  # fuses norms, RoPE, activations
+            e.forward = torch.compile(_logits, dynamic=False)  # decode shapes only: prefill calls _logits
+        if self.cuda_graphs and device.type == "cuda":
+            e.graphs, e.pool = {}, torch.cuda.graph_pool_handle()
+        return e
 
 
 def fit_slots(free: int, copy_bytes: int, per_slot: int, want: int, budget: int | None = None) -> tuple[bool, int]:
@@ -250,37 +307,6 @@ def _plan(base, want, n_cols, device, budget=None):
     n_params = sum(p.quant_state.shape.numel() if hasattr(p, "quant_state") else p.numel()
                    for n, p in base.named_parameters() if "lora_" not in n)
     return fit_slots(_free_bytes(device), elem * n_params, slot_bytes(base.config, n_cols, elem), want, budget)
-
-
-def _build(model, n_slots, n_cols, max_new, temperature, top_p, eos_ids, pad_id, cuda_graphs, compile, budget=None,
-           stop=((), ())):
-    base = hf_model(model)
-    device = next(base.parameters()).device
-    use_copy, n_slots = _plan(base, n_slots, n_cols, device, budget)
-    if use_copy:  # bf16 on the GPU; on CPU (tests) the policy's own float dtype
-        dtype = torch.bfloat16 if device.type == "cuda" else base.get_input_embeddings().weight.dtype
-        lm = build_sampling_model(base, dtype, device)
-    else:
-        lm = base
-        if base.config._attn_implementation not in ("sdpa", "eager"):
-            raise ValueError(f"sampling in place needs sdpa or eager attention, not {lm.config._attn_implementation}")
-    z = lambda dtype=torch.long: torch.zeros(n_slots, dtype=dtype, device=device)  # noqa: E731
-    slots = _Slots(z(), z(), z(), z(), z(torch.bool), z(torch.bool),
-                   torch.zeros(n_slots, max_new, dtype=torch.float, device=device),
-                   torch.zeros(n_slots, max_new, dtype=torch.long, device=device),
-                   torch.tensor(eos_ids, dtype=torch.long, device=device),
-                   *_token_flags(stop, base.get_output_embeddings().weight.shape[0], device), z(torch.bool))
-    cfg = lm.config.get_text_config()
-    kinds = frozenset(getattr(cfg, "layer_types", None) or ["full_attention"])
-    cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-    e = _Engine(base, lm, SlotCache(n_slots, n_cols, slots.cur), slots, cache_kw, kinds,
-                getattr(cfg, "sliding_window", None), temperature, top_p, pad_id)
-    e.forward = _logits
-    if compile and use_copy and device.type == "cuda":  # fuses norms, RoPE, activations
-        e.forward = torch.compile(_logits, dynamic=False)  # decode shapes only: prefill calls _logits
-    if cuda_graphs and device.type == "cuda":
-        e.graphs, e.pool = {}, torch.cuda.graph_pool_handle()
-    return e
 
 
 def _token_flags(stop, vocab: int, device):
@@ -420,83 +446,6 @@ def _prefill(e, rows, prompts, uniforms):
     s.eos_hit.index_fill_(0, rows_t, False)
     s.wrote.index_fill_(0, rows_t, False)
     s.active.index_fill_(0, rows_t, True)
-
-
-def _engine(model, n_prompts, batch_size, n_cols, max_new, temperature, top_p, eos, pad, cuda_graphs, compile,
-            budget, stop=((), ())):
-    """The cached engine when the call matches it (weights refreshed, slots reset), else a new one."""
-    global _cached
-    base = hf_model(model)
-    want = min(AUTO_MAX_SLOTS if batch_size == "auto" else batch_size, n_prompts)
-    key = (id(base), want, n_cols, max_new, temperature, top_p, tuple(eos), pad, cuda_graphs, compile, budget)
-    if _cached is not None and _cached[0] == key:
-        e = _cached[1]
-        if e.lm is not base:
-            load_dense_weights(e.lm, base, e.lm.dtype, e.lm.device)
-        for t in (e.slots.start, e.slots.cur, e.slots.n_gen, e.slots.active, e.slots.eos_hit, e.slots.wrote):
-            t.zero_()
-        is_stop, is_blank = _token_flags(stop, e.slots.is_stop.shape[0], e.slots.is_stop.device)
-        e.slots.is_stop.copy_(is_stop)  # in place: a recorded CUDA graph reads these addresses
-        e.slots.is_blank.copy_(is_blank)
-        return e
-    release()
-    e = _build(model, want, n_cols, max_new, temperature, top_p, eos, pad, cuda_graphs, compile, budget, stop)
-    _cached = (key, e)
-    _slots_built.append(e.slots.cur.shape[0])
-    return e
-
-
-def slots_built() -> list[int]:
-    """The number of slots of each engine built since the last call, in order (batch_size auto: what the
-    free memory held then), for the run directory to record; the list starts again empty."""
-    built = list(_slots_built)
-    _slots_built.clear()
-    return built
-
-
-def release():
-    """Free the sampling copy, KV cache and CUDA graph; the loop calls this before training."""
-    global _cached
-    if _cached is not None and _cached[1].forward is not _logits:
-        torch._dynamo.reset()  # else each iteration's new engine piles up recompiles until dynamo gives up
-    _cached = None
-    free_memory()
-
-
-def uniform_table(seeds: list[int], n: int) -> torch.Tensor:
-    """(len(seeds), n) fp32 uniforms in [0, 1): row i is the first n draws of seed i's own generator,
-    so a sequence's draws depend on its seed alone."""
-    return torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(s)) for s in seeds]) \
-        if seeds else torch.zeros(0, n)
-
-
-@torch.no_grad()
-def generate_tokens(model, prompt_ids, *, max_new_tokens, temperature, top_p, eos_token_ids, pad_token_id,
-                    batch_size, seeds, progress=None, memory_gb=None, stop_ids=(), blank_ids=(), cuda_graphs=True,
-                    compile=False):
-    """For each prompt: (new token ids without EOS, stopped at EOS?). seeds: one per prompt, its draws
-    (uniform_table). A token of stop_ids also ends a sequence (it is kept, and counts as EOS) once the
-    sequence holds a token not in blank_ids: the caller, which cuts the text at its stop texts, gets
-    the same text as without them, and the tokens after the stop are never computed. batch_size is the most slots decoded at once, or "auto": as many as the memory
-    holds, up to AUTO_MAX_SLOTS (fewer in either case if the KV cache wouldn't fit in the free
-    memory, or in memory_gb when given: the sampling copy, KV cache and workspace together).
-    progress(n) is told of n finished prompts. cuda_graphs / compile (CUDA only) are there to switch
-    the fast paths off when they misbehave."""
-    assert max_new_tokens >= 1 and (batch_size == "auto" or batch_size >= 1), "max_new_tokens and batch_size must be >= 1"
-    assert all(map(len, prompt_ids)), "every prompt needs at least one token"
-    assert len(seeds) == len(prompt_ids), "one seed per prompt"
-    if not prompt_ids:
-        return []
-    n_cols = -(-(max(map(len, prompt_ids)) + max_new_tokens) // 64) * 64  # rounded: reuse across calls
-    budget = None if memory_gb is None else int(memory_gb * 2**30)
-    e = _engine(model, len(prompt_ids), batch_size, n_cols, max_new_tokens, float(temperature), float(top_p),
-                list(eos_token_ids), pad_token_id, cuda_graphs, compile, budget, (stop_ids, blank_ids))
-    was_training = e.lm.training
-    e.lm.eval()  # sampling in place must not run LoRA dropout
-    try:
-        return _run(e, prompt_ids, max_new_tokens, seeds, progress)
-    finally:
-        e.lm.train(was_training)
 
 
 def _steps(e, rows: int, steps: int, n_keys: int) -> None:

@@ -19,22 +19,17 @@ parsed one without a judge call; two failures tie, and so do two identical respo
 import statistics
 from pathlib import Path
 
-import numpy as np
-
 from minitpo import io, rundir
 from minitpo.config import Recipe
 from minitpo.recipe import load_recipe
 from minitpo.data import Instruction
 from minitpo.device import free_memory
 from minitpo.errors import UserError
-from minitpo.judges import compare, verdict
+from minitpo.judges import compare
 from minitpo.prompts import load_template
 from minitpo.sample import thinks, wrote_marker
-
-BOOTSTRAP_RESAMPLES = 2000  # the interval's ends move by ~0.01 between seeds at this count
-BOOTSTRAP_SEED = 0
-CI_LEVEL = 0.95
-
+from minitpo.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CI_LEVEL, bootstrap_interval, length_controlled_rate,
+                           verdict)
 
 MIN_CI_ITEMS = 10  # an interval over fewer items means nothing (one item: "1.000-1.000"), and says so
 
@@ -56,21 +51,6 @@ def held_out_warning(held_out: int) -> str | None:
             f"+-{1.96 * 0.5 / held_out ** 0.5:.2f} wide; 32 or more held-out instructions tell two models apart")
 
 
-def bootstrap_interval(verdicts, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
-                       level: float = CI_LEVEL) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `verdicts`: resample the instructions with
-    replacement `resamples` times. The ends are clamped to include the estimate itself, which the
-    percentile method does not promise for tiny or lopsided samples (all wins gives (1.0, 1.0))."""
-    v = np.asarray(verdicts, dtype=np.float64)
-    assert v.size > 0, "bootstrap_interval needs at least one verdict"
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(axis=1)  # (resamples,)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    estimate = v.mean()
-    return float(min(low, estimate)), float(max(high, estimate))
-
-
 def win_rate_summary(ps, groups=None) -> dict:
     """n, win_rate, its interval and the mean p, from each output pair's p = P(model better). With
     `groups` (the instruction of each p, when an instruction has several samples), n counts
@@ -87,55 +67,18 @@ def win_rate_summary(ps, groups=None) -> dict:
             "mean_p": statistics.fmean(ps)}
 
 
-LC_RIDGE = 1e-2  # on the slope only: keeps the fit finite when length alone separates wins from losses
-
-
 def length_controlled(rows: list[dict], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
                       level: float = CI_LEVEL) -> dict | None:
-    """The win rate with the length difference regressed out, in the spirit of AlpacaEval 2's
-    length-controlled win rate (Dubois et al. 2024): fit P(win) = sigmoid(a + b * tanh(d / sd(d))), d the
-    model's response length minus the other's (characters), to the verdicts (ties as 0.5) by maximum
-    likelihood, and read it at d = 0: sigmoid(a). A judge that only rewards the longer response gives
-    0.5 whatever the raw rate; a verdict that ignores length leaves the raw rate. Over the rows where both
-    responses parsed (a format failure has no length to compare); None below 2 of them. The interval
-    bootstraps the instructions and refits, as for the raw rate."""
+    """The length-controlled win rate (stats.length_controlled_rate) of evaluation rows, over the rows
+    where both responses parsed (a format failure has no length to compare); None below 2 of them. The
+    interval bootstraps the instructions (with all of their samples), as for the raw rate."""
     both = [r for r in rows if r["model_parsed"] and r["against_parsed"]]
     if len(both) < 2:
         return None
-    diff = np.array([len(r["model_response"]) - len(r["against_response"]) for r in both], dtype=np.float64)
-    d = np.tanh(diff / (diff.std() or 1.0))  # (n,)
-    v = np.array([verdict(r["p"]) for r in both])  # (n,)
-    # the bootstrap resamples instructions (with all of their samples): weights = how often each is drawn
-    ids = {i: g for g, i in enumerate(sorted({r["instruction_id"] for r in both}))}  # instruction -> its number
-    group = np.array([ids[r["instruction_id"]] for r in both])  # (n,)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(ids), size=(resamples, len(ids)))
-    counts = np.stack([np.bincount(row, minlength=len(ids)) for row in draws])  # (resamples, instructions)
-    weights = np.concatenate([np.ones((1, len(v))), counts[:, group]])  # (1 + resamples, n)
-    rates = _fit_at_zero(d, v, weights)  # (1 + resamples,): the estimate, then the bootstrap fits
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(rates[1:], [tail, 100 - tail])
-    return {"n": len(ids), "win_rate": float(rates[0]), "ci_low": float(min(low, rates[0])),
-            "ci_high": float(max(high, rates[0]))}
-
-
-def _fit_at_zero(d: np.ndarray, v: np.ndarray, weights: np.ndarray, iterations: int = 100) -> np.ndarray:
-    """sigmoid(a) of the logistic fit v ~ sigmoid(a + b d) over the n rows of d and v, once per row of
-    weights (R, n) (a row's weight: how often it counts), all at once: Newton's method on the weighted
-    cross-entropy (fractional targets allowed) plus LC_RIDGE * b^2 / 2."""
-    a, b = np.zeros(len(weights)), np.zeros(len(weights))
-    for _ in range(iterations):
-        q = 1 / (1 + np.exp(-(a[:, None] + b[:, None] * d)))  # (R, n)
-        w = weights * q * (1 - q)
-        r = weights * (q - v)
-        g_a, g_b = r.sum(1), (r * d).sum(1) + LC_RIDGE * b
-        h_aa, h_ab, h_bb = w.sum(1) + 1e-12, (w * d).sum(1), (w * d * d).sum(1) + LC_RIDGE
-        det = h_aa * h_bb - h_ab ** 2
-        step_a, step_b = (h_bb * g_a - h_ab * g_b) / det, (h_aa * g_b - h_ab * g_a) / det
-        a, b = np.clip(a - step_a, -30, 30), b - step_b  # |a| = 30: all wins or all losses
-        if max(np.abs(step_a).max(), np.abs(step_b).max()) < 1e-10:
-            break
-    return 1 / (1 + np.exp(-a))
+    diff = [len(r["model_response"]) - len(r["against_response"]) for r in both]  # characters
+    groups = [r["instruction_id"] for r in both]
+    rate, low, high = length_controlled_rate(diff, [verdict(r["p"]) for r in both], groups, resamples, seed, level)
+    return {"n": len(set(groups)), "win_rate": rate, "ci_low": low, "ci_high": high}
 
 
 def aggregate(rows: list[dict], model: str, against: str) -> dict:
@@ -194,7 +137,7 @@ def evaluate(run_dir: str | Path, model: str | None = None, against: str = "seed
         raise UserError(f"--model and --against are both {model!r}; compare two different models")
     io.check_writable(run_dir / rundir.EVAL, "RUN_DIR")  # before the minutes of sampling and judging
 
-    marker_of = [load_template(r.thought.template, r.thought.marker, r.thought.min_words).marker for *_, r in refs]
+    marker_of = [load_template(r.thought).marker for *_, r in refs]
     # One policy in memory at a time: sample, then free it before the next model (and the judge) load.
     # Each model samples with its own run's recipe: its template, sampling settings and seed.
     ours, theirs = (_sample_one(ref_recipe, ref_dir, name, instructions, samples) for _, ref_dir, name, ref_recipe in refs)
@@ -257,17 +200,15 @@ def summary_text(r: dict) -> str:
 def _sample_one(recipe: Recipe, run_dir: Path, name: str, instructions, samples: int = 1):
     """`samples` outputs per instruction from model `name` of `run_dir`, with the recipe's template,
     sampling and seed."""
-    from minitpo import engine
     from minitpo.model import load_policy
     from minitpo.sample import sample_candidates
 
-    template = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
+    template = load_template(recipe.thought)
     adapter = None if name == "seed" else rundir.adapter_dir(run_dir, name)
     policy, tokenizer = load_policy(recipe.policy, adapter)
     policy.eval()
     candidates = sample_candidates(policy, tokenizer, instructions, template, recipe.sampling, k=samples,
                                    seed=recipe.sampling.seed, system_prompt=recipe.thought.system_prompt)
-    engine.release()
     del policy
     free_memory()
     return candidates

@@ -363,12 +363,9 @@ def _finish(writer) -> None:
 def check_tokenizer(path: Path, tokenizer) -> None:
     """Refuse a GGUF whose tokenizer splits PROBE otherwise than transformers does: the model would
     read different tokens from the ones it was trained on."""
-    from llama_cpp import Llama
+    from minitpo.llamacpp import load_vocab
 
-    from minitpo.judges.llama import quiet_stderr
-
-    with quiet_stderr():
-        llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    llm = load_vocab(path)
     try:
         got = llm.tokenize(PROBE.encode(), add_bos=False, special=False)
     finally:

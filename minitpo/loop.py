@@ -31,7 +31,7 @@ from pathlib import Path
 
 import click
 
-from minitpo import dist, engine, io, rundir, suites
+from minitpo import dist, io, rundir, suites
 from minitpo.config import Recipe
 from minitpo.recipe import recipe_to_dict
 from minitpo.evaluate import held_out_warning
@@ -42,7 +42,7 @@ from minitpo.device import free_memory, pick_device
 from minitpo.model import context_length, enable_checkpointing, load_policy, load_tokenizer, save_adapter
 from minitpo.pairs import Pair, auto_rho, build_pairs, by_instruction, control_length, judged
 from minitpo.prompts import load_template
-from minitpo.sample import Candidate, check_prompt_lengths, eos_token_ids, sample_candidates
+from minitpo.sample import Candidate, check_prompt_lengths, eos_token_ids, open_sampler, sample_candidates
 from minitpo.judges import merge_caches, merge_stats, rank_cache, score_candidates
 from minitpo.stages import JUDGE, PAIR, SAMPLE, TRAIN, Stages
 from minitpo.summary import check_summaries, summarize, summary_line, write_summary
@@ -53,7 +53,7 @@ def run(recipe: Recipe, fresh: bool = False) -> Path:
     """Run (or resume) every iteration of `recipe` in `recipe.out`; return the run directory."""
     dist.init()
     out = Path(recipe.out)
-    template = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words)
+    template = load_template(recipe.thought)
     data = recipe.data
     items, notes = read_instructions(data)  # fails on a bad file, dataset, split or column
     for note in notes if dist.is_main() else ():
@@ -127,14 +127,13 @@ def _check_lengths(recipe: Recipe, out: Path, template, held_out, slices, fresh:
 
 
 def _judge_check(out: Path, recipe: Recipe) -> None:
-    from minitpo.judges.check import at_chance, check_judge, sanity_items, warning
+    from minitpo.judges.check import at_chance, check_judge, headline, sanity_items, warning
 
     path = out / rundir.JUDGE_CHECK
     if not path.exists():
         io.write_json(path, check_judge(recipe.judge, sanity_items()))
     checked = io.read_json(path)
-    click.echo(f"judge-check: accuracy {checked['accuracy']:.3f} (95% CI {checked['ci_low']:.3f}-"
-               f"{checked['ci_high']:.3f}) over {checked['n']} items")
+    click.echo(headline(checked))
     if at_chance(checked):
         click.echo(warning(checked), err=True)
 
@@ -145,10 +144,9 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     is done (minitpo/stages.py), and the next reads that file back: a resumed run goes on from the same data."""
     stages = Stages(it)
     # 1-3. K thought+response candidates per instruction from M_{t-1}, split at the marker.
-    rows = stages.run(SAMPLE, lambda: sample_stage(*policy.at(t - 1), instructions, template, recipe, seed=recipe.sampling.seed + t))
-    if slots := engine.slots_built():  # the fast engine's slots per pass: batch_size auto is known only now
-        stages.record("sampling_slots", slots)
-    engine.release()  # the sampler's model copy, KV cache and CUDA graph go before the judge loads
+    # the sampler's model copy, KV cache and CUDA graphs are freed as sample_stage returns, before the judge loads
+    rows = stages.run(SAMPLE, lambda: sample_stage(*policy.at(t - 1), instructions, template, recipe, seed=recipe.sampling.seed + t,
+                                                   on_slots=lambda slots: stages.record("sampling_slots", slots)))
     candidates = [Candidate(**row) for row in rows]
 
     # 4. The judge scores responses only (never thoughts); 5. length control normalises them per instruction.
@@ -175,11 +173,17 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
 # The stages. Each takes plain data, does this rank's share under torchrun (minitpo/dist.py) and returns, on
 # rank 0, its files as {name in iter-N/: rows} for Stages.run to write (None on the other ranks).
 
-def sample_stage(model, tokenizer, instructions: list[Instruction], template, recipe: Recipe, seed: int) -> dict | None:
-    """K candidates per instruction, in the instructions' order."""
+def sample_stage(model, tokenizer, instructions: list[Instruction], template, recipe: Recipe, seed: int,
+                 on_slots=None) -> dict | None:
+    """K candidates per instruction, in the instructions' order. on_slots(list) is told the fast sampler's
+    slots per pass: what batch_size auto chose from the free memory, known only now."""
     mine = dist.shard(instructions)
-    candidates = sample_candidates(model, tokenizer, mine, template, recipe.sampling, seed=seed,
-                                   system_prompt=recipe.thought.system_prompt, progress=dist.is_main())
+    with open_sampler(model, tokenizer, recipe.sampling) as sampler:
+        candidates = sample_candidates(model, tokenizer, mine, template, recipe.sampling, seed=seed,
+                                       system_prompt=recipe.thought.system_prompt, sampler=sampler,
+                                       progress=dist.is_main())
+    if on_slots is not None and getattr(sampler, "slots_built", None):
+        on_slots(sampler.slots_built)
     k = recipe.sampling.k
     groups = dist.gather([candidates[i * k:(i + 1) * k] for i in range(len(mine))])  # per instruction
     return {rundir.CANDIDATES: [dataclasses.asdict(c) for g in groups for c in g]} if dist.is_main() else None

@@ -13,6 +13,7 @@ used by public reproductions. `think` is the generic one with <think>...</think>
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from minitpo.config import ThoughtConfig
 from minitpo.errors import UserError
 
 
@@ -67,9 +68,11 @@ DIRECT = Template(name="direct", text="{instruction}", marker=None)
 TEMPLATES = {t.name: t for t in (GENERIC, SPECIFIC, THINK, DIRECT)}
 
 
-def load_template(name_or_path: str, marker: str | None = None, min_words: int = 0) -> Template:
-    """A named template, or a text file with an {instruction} placeholder whose marker the recipe
-    declares (`thought.marker`); min_words: `thought.min_words`."""
+def load_template(thought: ThoughtConfig) -> Template:
+    """The recipe's template: `thought.template` names one of TEMPLATES, or a text file with an
+    {instruction} placeholder whose marker the recipe declares (`thought.marker`); with
+    `thought.min_words`."""
+    name_or_path, marker, min_words = thought.template, thought.marker, thought.min_words
     if name_or_path in TEMPLATES:
         return replace(TEMPLATES[name_or_path], min_words=min_words)
     path = Path(name_or_path)

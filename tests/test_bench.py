@@ -236,6 +236,26 @@ def test_a_copy_in_the_hugging_face_cache_comes_first(tmp_path):
     assert result.stdout.split() == [str(snapshot / "ifeval_input_data.jsonl"), "1"], result.stderr[-2000:]
 
 
+def test_the_overlap_check_reads_each_suite_once_and_catches_a_benchmark_prompt(tmp_path):
+    """AlpacaEval found in the Hugging Face cache: a training instruction equal to one of its prompts up to
+    surrounding whitespace is caught, the others are not; a second check in the same process (every run
+    start after the first) reads no suite file again: it still catches the prompt with the file gone."""
+    snapshot = tmp_path / "hub" / "datasets--tatsu-lab--alpaca_eval" / "snapshots" / "abc123"
+    io.write_json(snapshot / "alpaca_eval_gpt4_baseline.json", ALPACA)
+    (tmp_path / "hub" / "datasets--tatsu-lab--alpaca_eval" / "refs").mkdir()
+    (tmp_path / "hub" / "datasets--tatsu-lab--alpaca_eval" / "refs" / "main").write_text("abc123")
+    code = ("import json, os, sys; from minitpo import suites\n"
+            "texts = ['  Tell a tale of the clock.\\n', 'Tell a tale of the clocks.', 'Explain why the sky is green.']\n"
+            "print(json.dumps(suites.benchmark_overlap(texts)))\n"
+            "os.remove(suites.locate('alpaca_eval'))\n"
+            "print(json.dumps(suites.benchmark_overlap(texts)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [{"alpaca_eval": 1}, {"alpaca_eval": 1}]
+    assert not (snapshot / "alpaca_eval_gpt4_baseline.json").exists()  # the second check had nothing to read
+
+
 @needs_bench
 def test_bench_warns_when_a_model_trained_on_the_suites_prompts(tiny_run, tmp_path):
     run, _ = tiny_run

@@ -1,21 +1,25 @@
 """minitpo.engine against transformers itself: greedy tokens equal `generate` (Llama, Qwen2 with
 q/k/v bias, Gemma3 with sliding-window layers, LoRA, NF4 + LoRA, and the low-memory path that samples
-from the policy in place), continuous batching changes nothing, LoRA updates reach a cached engine,
-and sampled tokens follow HF's temperature + top-p distribution (HF's own warpers are the reference).
+from the policy in place), continuous batching changes nothing, LoRA updates reach the engine a Sampler
+keeps between calls, its memory goes when the Sampler closes, and sampled tokens follow HF's
+temperature + top-p distribution (HF's own warpers are the reference; the draw alone: test_draw.py).
 All on CPU; the CUDA paths (bf16 copy, CUDA graphs, torch.compile) were exercised on an H100 by hand."""
 
-import math
+import gc
+import weakref
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Gemma3ForCausalLM, Gemma3TextConfig,
                           LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from test_draw import chi2_ok, hf_probs
 
 from minitpo import engine
+from minitpo.config import SamplingConfig
 from minitpo.dense import build_sampling_model
-from minitpo.engine import generate_tokens, release, sample_next
+from minitpo.engine import Sampler
 
 PAD = 0
 # different lengths (1 to 9) so the batch is left-padded; no PAD inside
@@ -64,9 +68,23 @@ def pick_eos(model, prompts, max_new=MAX_NEW):
     raise AssertionError("no usable EOS token in the greedy outputs")
 
 
-def engine_greedy(model, prompts, eos, batch_size):
+def open_engine(model, eos, batch_size, temperature=0.0, top_p=1.0, memory_gb=None):
+    cfg = SamplingConfig(temperature=temperature, top_p=top_p, batch_size=batch_size, memory_gb=memory_gb)
+    return Sampler(model, cfg, eos_token_ids=eos, pad_token_id=PAD)
+
+
+def generate_tokens(model, prompts, *, max_new_tokens, temperature, top_p, eos_token_ids, batch_size, seeds,
+                    memory_gb=None, **call):
+    """One call of a Sampler opened for it and closed after."""
+    with open_engine(model, eos_token_ids, batch_size, temperature, top_p, memory_gb) as sampler:
+        return sampler.generate(prompts, max_new_tokens=max_new_tokens, seeds=seeds, **call)
+
+
+def engine_greedy(model, prompts, eos, batch_size, sampler=None):
+    if sampler is not None:
+        return sampler.generate(prompts, max_new_tokens=MAX_NEW, seeds=[0] * len(prompts))
     return generate_tokens(model, prompts, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
-                           eos_token_ids=eos, pad_token_id=PAD, batch_size=batch_size, seeds=[0] * len(prompts))
+                           eos_token_ids=eos, batch_size=batch_size, seeds=[0] * len(prompts))
 
 
 def lora(model, seed=1, dropout=0.0):
@@ -92,15 +110,17 @@ def test_greedy_matches_generate_lora_and_follows_updates():
         base_out = hf_greedy(model, PROMPTS, eos)
     expected = hf_greedy(model, PROMPTS, eos)
     assert expected != base_out, "the adapter should change the greedy outputs"
-    assert engine_greedy(model, PROMPTS, eos, batch_size=8) == expected
-    # a training step changes the LoRA weights in place; the cached engine must see it
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(-1.5)
-    expected = hf_greedy(model, PROMPTS, eos)
-    assert engine_greedy(model, PROMPTS, eos, batch_size=8) == expected
-    release()
+    with open_engine(model, eos, batch_size=8) as sampler:
+        assert engine_greedy(model, PROMPTS, eos, 8, sampler) == expected
+        built = sampler.engine
+        # a training step changes the LoRA weights in place; the engine kept between calls must see it
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(-1.5)
+        expected = hf_greedy(model, PROMPTS, eos)
+        assert engine_greedy(model, PROMPTS, eos, 8, sampler) == expected
+        assert sampler.engine is built and built.lm is not built.base  # the same dense copy, refreshed
 
 
 def test_in_place_sampling_matches_generate(monkeypatch):
@@ -111,9 +131,9 @@ def test_in_place_sampling_matches_generate(monkeypatch):
     eos = pick_eos(model, PROMPTS)
     expected = hf_greedy(model, PROMPTS, eos)
     model.train()
-    assert engine_greedy(model, PROMPTS, eos, batch_size=3) == expected
-    assert model.training and engine._cached[1].lm is model.get_base_model()
-    release()
+    with open_engine(model, eos, batch_size=3) as sampler:
+        assert engine_greedy(model, PROMPTS, eos, 3, sampler) == expected
+        assert model.training and sampler.engine.lm is model.get_base_model()
 
 
 def nf4_policy(tmp_path):
@@ -154,7 +174,7 @@ def test_continuous_batching_changes_nothing():
     one_batch = engine_greedy(model, PROMPTS, eos, batch_size=8)
     done = []
     out = generate_tokens(model, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0, eos_token_ids=eos,
-                          pad_token_id=PAD, batch_size=3, seeds=[0] * len(PROMPTS), progress=done.append)
+                          batch_size=3, seeds=[0] * len(PROMPTS), progress=done.append)
     assert out == one_batch == hf_greedy(model, PROMPTS, eos)
     assert sum(done) == len(PROMPTS)
 
@@ -179,7 +199,7 @@ def test_the_tail_steps_only_the_busy_slots(kind):
     handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: count(m, a, {}))
     try:
         out = generate_tokens(model, PROMPTS, max_new_tokens=max_new, temperature=0.0, top_p=1.0, eos_token_ids=eos,
-                              pad_token_id=PAD, batch_size=8, seeds=[0] * len(PROMPTS))
+                              batch_size=8, seeds=[0] * len(PROMPTS))
     finally:
         handle.remove()
     expected = hf_greedy(model, PROMPTS, eos, max_new)
@@ -190,79 +210,12 @@ def test_the_tail_steps_only_the_busy_slots(kind):
     assert all(r >= still_running[i] for i, r in enumerate(rows))
     assert all(r <= max(still_running[i - i % engine.SYNC_EVERY], 1) for i, r in enumerate(rows))
 
-    kw = dict(max_new_tokens=max_new, temperature=0.8, top_p=0.95, eos_token_ids=eos, pad_token_id=PAD)
+    kw = dict(max_new_tokens=max_new, temperature=0.8, top_p=0.95, eos_token_ids=eos)
     seeds = [7 + i for i in range(len(PROMPTS))]
     together = generate_tokens(model, PROMPTS, batch_size=8, seeds=seeds, **kw)
     alone = [generate_tokens(model, [p], batch_size=1, seeds=[s], **kw)[0] for p, s in zip(PROMPTS, seeds)]
     assert together == alone
     assert len({len(t) for t, _ in together}) > 1  # sequences ended at different steps
-    release()
-
-
-def hf_probs(logits, temperature, top_p):
-    """Reference: HF's own warpers, then softmax. logits (1, V) -> (V,)."""
-    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
-    scores = TopPLogitsWarper(top_p)(None, scores)
-    return scores.softmax(-1)[0].double()
-
-
-def chi2_ok(counts, probs):
-    """Pearson chi-square of counts against probs at the 0.1% level. Bins with an expected count
-    under 5 are pooled (the usual validity rule); the 99.9% quantile comes from the
-    Wilson-Hilferty approximation, z = 3.09. The seeds are fixed, so the test is deterministic."""
-    n = counts.sum().item()
-    big = probs * n >= 5
-    obs = torch.cat([counts[big], counts[~big].sum()[None]]).double()
-    exp = torch.cat([probs[big], probs[~big].sum()[None]]) * n
-    keep = exp > 0
-    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum().item()
-    df = keep.sum().item() - 1
-    return stat < df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3
-
-
-def test_sample_next_follows_temperature_and_top_p():
-    logits = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -1.0, -4.0]])
-    probs = hf_probs(logits, 0.7, 0.9)  # top-p keeps 3 tokens here
-    assert (probs > 0).sum() == 3
-    n = 40_000
-    gen = torch.Generator().manual_seed(0)
-    toks = sample_next(logits.expand(n, -1), 0.7, 0.9, torch.rand(n, generator=gen))
-    counts = torch.bincount(toks, minlength=8)
-    assert counts[probs == 0].sum() == 0, "tokens outside the nucleus must never be drawn"
-    assert chi2_ok(counts, probs)
-    assert not chi2_ok(counts, hf_probs(logits, 1.0, 0.9)), "the test must tell temperature 0.7 from 1.0"
-
-
-@pytest.mark.parametrize("spread, wide", [(3.0, False), (0.05, True)])
-def test_sample_next_candidate_shortcut_gives_hf_distribution(spread, wide):
-    """The CPU shortcut (the nucleus looked for among the top `candidates` tokens) against HF's
-    warpers: a peaked row whose nucleus fits in 8 candidates, and a flat one whose nucleus does not
-    (it must take the full sort). Both draw exactly from HF's nucleus with HF's probabilities."""
-    gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(1, 64, generator=gen) * spread
-    probs = hf_probs(logits, 0.8, 0.9)
-    assert ((probs > 0).sum() > 8) == wide  # the case is the one named
-    scaled = logits / 0.8
-    top_mass = (scaled.topk(8).values - scaled.logsumexp(-1)).exp().sum()
-    assert (top_mass < 0.9) == wide
-    n = 40_000
-    toks = sample_next(logits.expand(n, -1), 0.8, 0.9, torch.rand(n, generator=gen), candidates=8)
-    counts = torch.bincount(toks, minlength=64)
-    assert counts[probs == 0].sum() == 0, "tokens outside the nucleus must never be drawn"
-    assert chi2_ok(counts, probs)
-    assert not chi2_ok(counts, hf_probs(logits, 1.0, 0.9)), "the test must tell temperature 0.8 from 1.0"
-
-
-def test_sample_next_mixed_rows_take_each_path():
-    """One batch with a peaked and a flat row: each row's draws stay inside its own nucleus."""
-    gen = torch.Generator().manual_seed(2)
-    logits = torch.cat([torch.randn(1, 64, generator=gen) * 3.0, torch.randn(1, 64, generator=gen) * 0.05])
-    n = 5_000
-    toks = sample_next(logits.repeat_interleave(n, 0), 0.8, 0.9, torch.rand(2 * n, generator=gen), candidates=8)
-    for row in range(2):
-        probs = hf_probs(logits[row:row + 1], 0.8, 0.9)
-        counts = torch.bincount(toks[row * n:(row + 1) * n], minlength=64)
-        assert counts[probs == 0].sum() == 0 and chi2_ok(counts, probs)
 
 
 def test_first_token_distribution_end_to_end():
@@ -277,32 +230,32 @@ def test_first_token_distribution_end_to_end():
     probs = hf_probs(logits, temperature, top_p)
     assert 3 <= (probs > 0).sum() < 32, "the nucleus should be a proper subset"
     out = generate_tokens(model, [prompt] * n, max_new_tokens=1, temperature=temperature, top_p=top_p,
-                          eos_token_ids=[], pad_token_id=PAD, batch_size=1000, seeds=list(range(n)))
+                          eos_token_ids=[], batch_size=1000, seeds=list(range(n)))
     assert all(not stopped and len(toks) == 1 for toks, stopped in out)
     counts = torch.bincount(torch.tensor([toks[0] for toks, _ in out]), minlength=32)
     assert counts[probs == 0].sum() == 0, "tokens outside the nucleus must never be drawn"
     assert chi2_ok(counts, probs)
     assert not chi2_ok(counts, hf_probs(logits, 1.0, top_p)), "the test must tell temperature 0.8 from 1.0"
-    release()
 
 
 def test_a_sequence_draws_from_its_own_seed_whatever_its_batch():
     """Sampled (T 0.8, top-p 0.95), each prompt with its own seed: one batch of 8, 3 slots refilled
     mid-run, and each prompt alone in reverse order give the same tokens; so does transformers'
-    generate with the same draw (sample.generate_tokens). A different seed gives other tokens."""
-    from minitpo.sample import generate_tokens as hf_generate_tokens
+    generate with the same draw (sample.GenerateSampler). A different seed gives other tokens."""
+    from minitpo.sample import GenerateSampler
 
     model = tiny("llama")
-    kw = dict(max_new_tokens=MAX_NEW, temperature=0.8, top_p=0.95, eos_token_ids=[], pad_token_id=PAD)
+    kw = dict(max_new_tokens=MAX_NEW, temperature=0.8, top_p=0.95, eos_token_ids=[])
     seeds = [101 + i for i in range(len(PROMPTS))]
     together = generate_tokens(model, PROMPTS, batch_size=8, seeds=seeds, **kw)
     refilled = generate_tokens(model, PROMPTS, batch_size=3, seeds=seeds, **kw)
     alone = [generate_tokens(model, [p], batch_size=1, seeds=[s], **kw)[0] for p, s in reversed(list(zip(PROMPTS, seeds)))]
     assert together == refilled == alone[::-1]
-    assert hf_generate_tokens(model, PROMPTS, batch_size=3, seeds=seeds, **kw) == together
+    with GenerateSampler(model, SamplingConfig(temperature=0.8, top_p=0.95, batch_size=3), eos_token_ids=[],
+                         pad_token_id=PAD) as hf:
+        assert hf.generate(PROMPTS, max_new_tokens=MAX_NEW, seeds=seeds) == together
     other = generate_tokens(model, PROMPTS, batch_size=8, seeds=[s + 1000 for s in seeds], **kw)
     assert sum(a != b for a, b in zip(other, together)) >= 6
-    release()
 
 
 def test_a_stop_token_ends_a_sequence_once_it_has_written_text():
@@ -310,8 +263,8 @@ def test_a_stop_token_ends_a_sequence_once_it_has_written_text():
     stop token is kept and counts as EOS; everything before it is the unstopped sequence's tokens
     (3 slots, so refilled slots start with a fresh `wrote` flag)."""
     model = tiny("llama")
-    kw = dict(max_new_tokens=MAX_NEW, temperature=0.8, top_p=0.95, eos_token_ids=[], pad_token_id=PAD,
-              batch_size=3, seeds=[7 + i for i in range(len(PROMPTS))])
+    kw = dict(max_new_tokens=MAX_NEW, temperature=0.8, top_p=0.95, eos_token_ids=[], batch_size=3,
+              seeds=[7 + i for i in range(len(PROMPTS))])
     plain = generate_tokens(model, PROMPTS, **kw)
     counts = torch.bincount(torch.tensor([t for ids, _ in plain for t in ids[1:]]))
     stop, blank = int(counts.argmax()), int(plain[0][0][0])  # the commonest token; one first token
@@ -326,7 +279,6 @@ def test_a_stop_token_ends_a_sequence_once_it_has_written_text():
             ended += 1
             assert (cut, hit) == (ids[:at + 1], True)
     assert ended >= 3  # 3 of the 8 meet a stop here: the path is exercised
-    release()
 
 
 # ---------------------------------------------------------------- memory, shared prefill, filled columns
@@ -359,13 +311,12 @@ def test_auto_batch_size_follows_the_memory_budget():
     expected = engine_greedy(model, PROMPTS, eos, batch_size=8)
     n_cols = -(-(max(map(len, PROMPTS)) + MAX_NEW) // 64) * 64
     budget = 3 * engine.slot_bytes(model.config, n_cols, 4) + 100
-    out = generate_tokens(model, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0, eos_token_ids=eos,
-                          pad_token_id=PAD, batch_size="auto", seeds=[0] * 8, memory_gb=budget / GB)
-    assert out == expected and engine._cached[1].slots.cur.shape[0] == 3 and engine._cached[1].lm is model
-    generate_tokens(model, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0, eos_token_ids=eos,
-                    pad_token_id=PAD, batch_size="auto", seeds=[0] * 8)
-    assert engine._cached[1].slots.cur.shape[0] == 8  # the host's free memory: every prompt at once
-    release()
+    with open_engine(model, eos, "auto", memory_gb=budget / GB) as sampler:
+        assert engine_greedy(model, PROMPTS, eos, "auto", sampler) == expected
+        assert sampler.engine.slots.cur.shape[0] == 3 and sampler.engine.lm is model
+    with open_engine(model, eos, "auto") as sampler:
+        engine_greedy(model, PROMPTS, eos, "auto", sampler)
+        assert sampler.engine.slots.cur.shape[0] == 8  # the host's free memory: every prompt at once
 
 
 def test_copies_of_a_prompt_share_one_prefill():
@@ -374,13 +325,13 @@ def test_copies_of_a_prompt_share_one_prefill():
     model = tiny("gemma3")  # sliding-window layers: the copied columns feed both kinds of layer
     prompts = [p for p in PROMPTS[:3] for _ in range(4)]
     seeds = list(range(12))
-    kw = dict(max_new_tokens=MAX_NEW, temperature=2.0, top_p=1.0, eos_token_ids=[], pad_token_id=PAD)  # flat: varied
-    shared = generate_tokens(model, prompts, batch_size=12, seeds=seeds, **kw)
-    assert engine._cached[1].prefill_rows == 3
+    kw = dict(max_new_tokens=MAX_NEW, temperature=2.0, top_p=1.0, eos_token_ids=[])  # flat: varied
+    with open_engine(model, [], 12, temperature=2.0) as sampler:
+        shared = sampler.generate(prompts, max_new_tokens=MAX_NEW, seeds=seeds)
+        assert sampler.engine.prefill_rows == 3
     alone = [generate_tokens(model, [p], batch_size=1, seeds=[s], **kw)[0] for p, s in zip(prompts, seeds)]
     assert shared == alone
     assert len({tuple(t) for t, _ in shared[:4]}) > 1, "the copies must sample different tokens"
-    release()
 
 
 def test_decode_reads_only_the_filled_columns(monkeypatch):
@@ -393,24 +344,23 @@ def test_decode_reads_only_the_filled_columns(monkeypatch):
     for model in (tiny("llama"), tiny("gemma3"), lora(tiny("qwen2"))):
         eos = pick_eos(model, PROMPTS)
         assert engine_greedy(model, PROMPTS, eos, batch_size=3) == hf_greedy(model, PROMPTS, eos)
-        release()
     assert {w for w, _ in widths} >= {16, 32} and all(w <= n for w, n in widths)
     assert any(w < n for w, n in widths)
 
 
-def test_sample_next_cascade_takes_the_next_size_before_the_full_sort():
-    """candidates=(4, 16): a peaked row (nucleus within 4), a middling one (within 16, not 4) and a flat
-    one (wider than 16): each draws exactly from HF's nucleus with HF's probabilities."""
-    gen = torch.Generator().manual_seed(3)
-    base = torch.randn(1, 64, generator=gen)
-    rows = [base * 4.0, base * 2.0, base * 0.05]
-    sizes = [int((hf_probs(r, 0.8, 0.9) > 0).sum()) for r in rows]
-    assert sizes[0] <= 4 < sizes[1] <= 16 < sizes[2], sizes  # each level of the cascade is exercised
-    n = 20_000
-    toks = sample_next(torch.cat(rows).repeat_interleave(n, 0), 0.8, 0.9, torch.rand(3 * n, generator=gen),
-                       candidates=(4, 16))
-    for i, row in enumerate(rows):
-        probs = hf_probs(row, 0.8, 0.9)
-        counts = torch.bincount(toks[i * n:(i + 1) * n], minlength=64)
-        assert counts[probs == 0].sum() == 0, "tokens outside the nucleus must never be drawn"
-        assert chi2_ok(counts, probs)
+def test_leaving_the_block_frees_the_engine():
+    """The sampling copy and KV cache live as long as the `with` block: a call of another shape frees the
+    engine before building its own, and the exit frees the last; a closed sampler takes no more calls."""
+    model = tiny("llama")
+    with open_engine(model, [], batch_size=8) as sampler:
+        sampler.generate(PROMPTS, max_new_tokens=MAX_NEW, seeds=[0] * 8)
+        first = weakref.ref(sampler.engine.lm)
+        assert sampler.engine.lm is not model  # a dense copy: what must not outlive its use
+        sampler.generate(PROMPTS, max_new_tokens=MAX_NEW - 4, seeds=[0] * 8)  # another shape
+        gc.collect()
+        assert first() is None
+        second = weakref.ref(sampler.engine.lm)
+    gc.collect()
+    assert second() is None and sampler.engine is None
+    with pytest.raises(AssertionError, match="closed"):
+        sampler.generate(PROMPTS, max_new_tokens=MAX_NEW, seeds=[0] * 8)

@@ -11,9 +11,11 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from test_stats import plain_bootstrap
 from minitpo.errors import UserError
-from minitpo.evaluate import aggregate, bootstrap_interval, evaluate, length_controlled, win_rate_summary
-from minitpo.judges import compare, verdict
+from minitpo.evaluate import aggregate, evaluate, length_controlled, win_rate_summary
+from minitpo.judges import compare
+from minitpo.stats import verdict
 
 
 def minitpo(*args):
@@ -24,15 +26,6 @@ def minitpo(*args):
 def hand_verdict(p):
     """A win, a tie or a loss, by hand: p above, at or below one half."""
     return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
-
-
-def plain_bootstrap(verdicts, resamples=2000, seed=0):
-    """An independent percentile bootstrap of the mean (a plain loop over numpy's generator), with the
-    documented defaults: 2000 resamples, seed 0, a 95% interval."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(verdicts), size=(resamples, len(verdicts)))
-    means = sorted(sum(verdicts[j] for j in row) / len(row) for row in idx)
-    return np.percentile(means, 2.5), np.percentile(means, 97.5)
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -87,23 +80,6 @@ def test_all_wins_and_all_losses_collapse_the_interval():
     assert (wins["win_rate"], wins["ci_low"], wins["ci_high"]) == (1.0, 1.0, 1.0)
     losses = win_rate_summary([0.2] * 10)
     assert (losses["win_rate"], losses["ci_low"], losses["ci_high"]) == (0.0, 0.0, 0.0)
-
-
-def test_bootstrap_interval_matches_an_independent_resampling_and_contains_the_estimate():
-    verdicts = [1.0] * 30 + [0.5] * 10 + [0.0] * 20
-    low, high = bootstrap_interval(verdicts, resamples=2000, seed=0)
-    estimate = np.mean(verdicts)
-    assert low < estimate < high
-    # Independent check: a plain-loop percentile bootstrap with the same generator gives the same ends.
-    assert (low, high) == pytest.approx(plain_bootstrap(verdicts, 2000, 0))
-    # The normal approximation of a mean's 95% interval is close to it at n = 60.
-    half = 1.96 * np.std(verdicts) / np.sqrt(len(verdicts))
-    assert low == pytest.approx(estimate - half, abs=0.03) and high == pytest.approx(estimate + half, abs=0.03)
-    # The defaults are the documented ones (2000 resamples, seed 0), so a result can be reproduced; another
-    # seed moves the ends. A single verdict gives a point.
-    assert bootstrap_interval(verdicts) == pytest.approx(plain_bootstrap(verdicts))
-    assert bootstrap_interval(verdicts, seed=1) != pytest.approx(plain_bootstrap(verdicts))
-    assert bootstrap_interval([0.5]) == (0.5, 0.5)
 
 
 def row(i, category, p, model_parsed=True, against_parsed=True, model_response="abcd", against_response="ab"):

@@ -21,7 +21,7 @@ from conftest import ROOT, TINY
 from minitpo.cli import main as cli_main
 from minitpo.export import export_gguf
 from minitpo.gguf_export import TYPES, write_model_gguf
-from minitpo.judges.llama import no_weight_repacking
+from minitpo.llamacpp import no_weight_repacking
 from minitpo.recipe import load_recipe, recipe_to_dict
 from minitpo.rundir import resolve_adapter
 

@@ -2,16 +2,19 @@
 hand-computed verdicts, every judge type (python, GGUF pointwise and pairwise on the tiny judge), the
 --json file, the user's own --set, and `judge.check` in a run."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, TINY, hf_cache_file
 from minitpo.config import JudgeConfig
-from minitpo.evaluate import bootstrap_interval
-from minitpo.judges.check import KINDS, REFUSALS, at_chance, check_judge, load_preference_set, sanity_items, summary_text
+from minitpo.stats import bootstrap_interval
+from minitpo.judges.check import (KINDS, REFUSALS, at_chance, check_judge, headline, load_preference_set, sanity_items,
+                                  summary_text)
 from minitpo.errors import UserError
 
 LENGTH_JUDGE = "def score(instruction, response):\n    return len(response)\n"
@@ -132,7 +135,9 @@ def test_at_chance_and_the_warnings_on_hand_made_results():
 
 @pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
 def test_gguf_judges_report_verdict_mass_and_consistency(mode):
-    cfg = JudgeConfig(type="llama_cpp", mode=mode, model=str(TINY / "judge.gguf"), n_ctx=1024, n_gpu_layers=0)
+    # min_verdict_mass 0: the random tiny judge puts about 0.5% on its verdict, under the default 0.5
+    cfg = JudgeConfig(type="llama_cpp", mode=mode, model=str(TINY / "judge.gguf"), n_ctx=1024, n_gpu_layers=0,
+                      min_verdict_mass=0.0)
     items = [it for it in sanity_items() if it.kind in ("refusal", "truncated")][:12]
     result = check_judge(cfg, items, progress=False)
     assert result["n"] == 12 and 0 < result["verdict_mass"] < 1  # a random tiny judge: some mass, not all
@@ -147,6 +152,46 @@ def test_gguf_judges_report_verdict_mass_and_consistency(mode):
         assert result["position_consistency"] == pytest.approx(sum(same) / 12)
     else:
         assert "position_consistency" not in result
+
+
+def test_pointwise_gguf_responses_under_min_verdict_mass_are_unjudged_and_their_items_left_out():
+    """The tiny judge's verdict mass per response, from its own scorer with no threshold; judge-check with
+    judge.min_verdict_mass at their median must leave unjudged exactly the responses below it, drop every
+    item that has one, and score the rest by the higher score, counted here by hand."""
+    from minitpo.judges.llama import score_responses
+
+    base = JudgeConfig(type="llama_cpp", model=str(TINY / "judge.gguf"), n_ctx=1024, n_gpu_layers=0, min_verdict_mass=0.0)
+    items = [it for it in sanity_items() if it.kind in ("refusal", "truncated")][:12]
+    texts = list(dict.fromkeys((it.prompt, r) for it in items for r in (it.chosen, it.rejected)))
+    results = dict(zip(texts, score_responses(base, [p for p, _ in texts], [r for _, r in texts], progress=False)))
+    threshold = float(np.median([r["score_mass"] for r in results.values()]))
+    below = {t for t, r in results.items() if r["score_mass"] < threshold}
+    kept = [it for it in items if not {(it.prompt, it.chosen), (it.prompt, it.rejected)} & below]
+    assert 0 < len(below) < len(texts) and 0 < len(kept) < len(items)  # the threshold splits them
+
+    result = check_judge(dataclasses.replace(base, min_verdict_mass=threshold), items, progress=False)
+    chosen_wins = [1.0 if results[(it.prompt, it.chosen)]["score"] > results[(it.prompt, it.rejected)]["score"] else 0.0
+                   for it in kept]  # random float scores: no exact ties
+    assert result["unjudged"] == len(below) and result["responses"] == len(texts)
+    assert result["n"] == len(kept) and result["accuracy"] == pytest.approx(sum(chosen_wins) / len(kept))
+    assert sum(r["n"] for r in result["kinds"].values()) == len(kept)
+    assert f"  unjudged: {len(below)} of {len(texts)} responses (verdict mass under judge.min_verdict_mass " \
+           f"{threshold})" in summary_text(result)
+
+
+def test_a_judge_with_no_verdict_mass_judges_no_item_and_is_warned_about(tmp_path):
+    """A GGUF whose digits get 9 / 271 of the probability whatever the prompt (write_tiny_gguf's
+    digit_logit 0: nine digits and 262 other tokens, all at logit 0): under the default 0.5 every response
+    is unjudged, no item is left to score, and the run's check calls that at chance."""
+    from test_judges_llama import write_tiny_gguf
+
+    flat = write_tiny_gguf(tmp_path / "flat.gguf", digit_logit=0.0)
+    items = [it for it in sanity_items() if it.kind == "refusal"][:3]
+    result = check_judge(JudgeConfig(type="llama_cpp", model=str(flat), n_ctx=2048, n_gpu_layers=0), items, progress=False)
+    assert result["unjudged"] == result["responses"] == 6 and result["verdict_mass"] == pytest.approx(9 / 271, rel=1e-3)
+    assert (result["n"], result["accuracy"]) == (0, None) and result["kinds"]["refusal"]["n"] == 0
+    assert at_chance(result) and "a run would pair nothing" in summary_text(result)
+    assert headline(result) == "judge-check: no item judged"
 
 
 def test_judge_check_in_a_run_is_saved_and_warns_at_chance(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for minitpo/judges/pairwise.py and its bradley_terry. The judge tests load recipes/tiny/judge.gguf
+"""Tests for minitpo/judges/pairwise.py (its bradley_terry is tested in test_stats.py). The judge tests load recipes/tiny/judge.gguf
 (a random llama GGUF whose tokenizer writes every letter and digit as one token) in the real llama.cpp;
 its verdicts are meaningless but deterministic."""
 
@@ -10,8 +10,8 @@ import pytest
 
 from minitpo.judges import pairwise
 from minitpo.config import JudgeConfig
-from minitpo.judges.llama import open_llama_judge, sanitize
-from minitpo.judges.pairwise import bradley_terry
+from minitpo.llamacpp import open_llama_judge, sanitize
+from minitpo.stats import bradley_terry
 
 GGUF = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "judge.gguf"
 needs_gguf = pytest.mark.skipif(not GGUF.is_file(), reason="run recipes/tiny/make_tiny.py first")
@@ -24,55 +24,6 @@ RESPONSES = ["Water.", "A river carries sand and stones downstream.", "Lamps, mo
 @pytest.fixture(scope="module")
 def cfg():
     return JudgeConfig(type="llama_cpp", mode="pairwise", model=str(GGUF), n_ctx=4096, n_gpu_layers=0)
-
-
-# ---------------------------------------------------------------------------------------------- Bradley-Terry
-
-def test_bradley_terry_two_by_two_by_hand():
-    # B = wins + 0.5 each way = [[0, 3.5], [1.5, 0]]; optimum sigmoid(e0 - e1) = 3.5 / 5
-    e = bradley_terry([[0, 3], [1, 0]])
-    assert e == pytest.approx([0.5 * math.log(7 / 3), -0.5 * math.log(7 / 3)], abs=1e-8)
-
-
-def test_bradley_terry_is_the_maximum_of_the_objective():
-    rng = np.random.default_rng(0)
-    wins = rng.integers(0, 5, size=(4, 4)) * (1 - np.eye(4))
-    e = np.array(bradley_terry(wins))
-    b = wins + 0.5 * (1 - np.eye(4))
-
-    def objective(x):
-        return sum(b[m, n] * -np.logaddexp(0, -(x[m] - x[n])) for m in range(4) for n in range(4))
-
-    assert abs(e.mean()) < 1e-9
-    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
-    # d/de_m: wins of m pull it up by sigma(e_n - e_m), losses pull it down by sigma(e_m - e_n)
-    grad = [sum(b[m, n] * sig(e[n] - e[m]) - b[n, m] * sig(e[m] - e[n]) for n in range(4)) for m in range(4)]
-    assert np.allclose(grad, 0, atol=1e-7)
-    for _ in range(20):  # no nearby point is better
-        assert objective(e) >= objective(e + rng.normal(0, 0.05, 4))
-
-
-def test_bradley_terry_recovers_order_from_sampled_battles():
-    rng = np.random.default_rng(1)
-    strengths = np.array([-1.5, -0.5, 0.3, 1.0, 2.0])
-    k = len(strengths)
-    wins = np.zeros((k, k))
-    for m in range(k):
-        for n in range(m + 1, k):
-            p = 1 / (1 + np.exp(-(strengths[m] - strengths[n])))
-            wins[m, n] = rng.binomial(400, p)
-            wins[n, m] = 400 - wins[m, n]
-    e = bradley_terry(wins)
-    assert list(np.argsort(e)) == list(range(k))
-    assert np.allclose(e, strengths - strengths.mean(), atol=0.2)
-
-
-def test_bradley_terry_ties_and_undefeated():
-    assert bradley_terry([[0, 2, 2], [2, 0, 2], [2, 2, 0]]) == pytest.approx([0, 0, 0], abs=1e-9)
-    e = bradley_terry([[0, 2, 2], [0, 0, 2], [0, 0, 0]])  # a strict order, one undefeated
-    assert all(math.isfinite(x) for x in e) and e[0] > e[1] > e[2]
-    assert sum(e) == pytest.approx(0, abs=1e-9)
-    assert bradley_terry([[0]]) == [0.0] and bradley_terry(np.zeros((0, 0))) == []
 
 
 # ---------------------------------------------------------------------------------------------- prompt
@@ -114,7 +65,7 @@ def _verdicts_by_hand(instructions, first, second) -> list[float]:
     in float64, renormalised over the tokens "A" and "B" (one token each in the tiny judge's vocabulary)."""
     from llama_cpp import Llama
 
-    from minitpo.judges.llama import model_chat_turn
+    from minitpo.llamacpp import model_chat_turn
 
     llm = Llama(model_path=str(GGUF), n_ctx=4096, logits_all=True, verbose=False)
     out = []
@@ -189,15 +140,3 @@ def test_compare_averages_both_orders(cfg):
     assert p == pytest.approx([(x + 1 - y) / 2 for x, y in zip(p_ab, p_ba)], abs=1e-4)
     assert all(0 < x < 1 for x in p)
     assert pairwise.compare(cfg, [], [], []) == []
-
-
-def test_two_orders_combine_by_hand():
-    from minitpo.judges.pairwise import same_winner, two_order_p
-
-    # A first: 0.9 for A; B first: 0.3 for B, i.e. 0.7 for A. Mean 0.8, and both orders pick A.
-    assert two_order_p(0.9, 0.3) == pytest.approx(0.8)
-    assert same_winner(0.9, 0.3)
-    # A pure position bias (the first shown always wins at 0.9) cancels to 0.5 and is inconsistent.
-    assert two_order_p(0.9, 0.9) == pytest.approx(0.5)
-    assert not same_winner(0.9, 0.9)
-    assert same_winner(0.5, 0.5)  # a tie both ways is the same outcome

@@ -2,6 +2,7 @@
 
 import pytest
 
+from minitpo.config import ThoughtConfig
 from minitpo.errors import UserError
 from minitpo.prompts import DIRECT, GENERIC, SPECIFIC, THINK, build_messages, build_prompt, load_template, split_output
 
@@ -89,15 +90,16 @@ def test_system_prompt_variant_moves_the_instructions():
 def test_custom_template_file(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("Think, then answer after ANSWER:\n{instruction}")
-    t = load_template(str(path), marker="ANSWER:")
-    assert split_output("hmm ANSWER: 42", t) == ("hmm", "42")
+    t = load_template(ThoughtConfig(template=str(path), marker="ANSWER:", min_words=3))
+    assert split_output("hmm ANSWER: 42", t) is None  # a one-word thought, under thought.min_words
+    assert split_output("hmm, let me see ANSWER: 42", t) == ("hmm, let me see", "42")
     with pytest.raises(UserError, match="thought.marker"):
-        load_template(str(path), marker=None)
+        load_template(ThoughtConfig(template=str(path), marker=None))
     with pytest.raises(UserError, match="does not appear"):
-        load_template(str(path), marker="<R>")
+        load_template(ThoughtConfig(template=str(path), marker="<R>"))
     (tmp_path / "bad.txt").write_text("no placeholder")
     with pytest.raises(UserError, match="placeholder"):
-        load_template(str(tmp_path / "bad.txt"), marker="x")
+        load_template(ThoughtConfig(template=str(tmp_path / "bad.txt"), marker="x"))
 
 
 def test_word_count_counts_runs_of_non_space_across_tabs_and_newlines():

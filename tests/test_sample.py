@@ -9,7 +9,7 @@ from minitpo.config import PolicyConfig, SamplingConfig
 from minitpo.data import load_instructions
 from minitpo.model import load_policy
 from minitpo.prompts import GENERIC, split_output
-from minitpo.sample import sample_candidates
+from minitpo.sample import open_sampler, sample_candidates
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +171,27 @@ def test_a_candidate_does_not_depend_on_its_batch(policy, engine):
     assert any(c.forced for c in part)
     other = sample_candidates(model, tokenizer, instructions, GENERIC, cfg, seed=6, progress=False)
     assert sum(a.text != b.text for a, b in zip(full, other)) >= 9
+
+
+@pytest.mark.parametrize("engine", ["fast", "generate"])
+def test_a_sampler_held_across_calls_gives_what_a_sampler_per_call_gives(policy, engine):
+    """`minitpo bench` holds one sampler across its chunks: each call's candidates are those a sampler of its
+    own gives (the fast engine's slots start afresh). The fast sampler builds its engine once for calls of
+    one shape, the same instructions under two run seeds here, and frees it when the block ends."""
+    model, tokenizer = policy
+    instructions = load_instructions(TINY / "instructions.jsonl")[:4]
+    cfg = SamplingConfig(k=2, max_new_tokens=24, batch_size=8, engine=engine)
+    alone = [sample_candidates(model, tokenizer, instructions, GENERIC, cfg, seed=seed, progress=False)
+             for seed in (3, 4)]
+    held, engines = [], []
+    with open_sampler(model, tokenizer, cfg) as sampler:
+        for seed in (3, 4):
+            held.append(sample_candidates(model, tokenizer, instructions, GENERIC, cfg, seed=seed, progress=False,
+                                          sampler=sampler))
+            engines.append(getattr(sampler, "engine", None))
+    assert held == alone and [c.text for c in held[0]] != [c.text for c in held[1]]
+    if engine == "fast":
+        assert engines[0] is not None and engines[1] is engines[0] and sampler.engine is None
 
 
 def test_thinks_needs_a_thought_of_five_words_the_marker_unforced_and_a_response():

@@ -1,12 +1,12 @@
 """The judges: every way minitpo scores responses, behind one dispatch. The judge sees responses only.
 
-  llama.py         pointwise GGUF judge via llama.cpp (and the llama.cpp plumbing the others share)
+  llama.py         pointwise GGUF judge via llama.cpp (its plumbing, shared with pairwise.py: minitpo/llamacpp.py)
   pairwise.py      pairwise GGUF judge: every ordered pair, fit with Bradley-Terry
   reward_model.py  a transformers sequence-classification reward model
   python.py        the user's own function, f(instruction, response) -> float
   check.py         `minitpo judge-check`: is the judge better than chance? (sanity.jsonl)
 
-This module is the dispatch (`pointwise_scorer`, `compare`), the one verdict rule (`verdict`), and
+This module is the dispatch (`pointwise_scorer`, `compare`), pointwise scores as a preference, and
 the judge stage's on-disk cache (`score_candidates`): it consumes the `JudgeConfig` and an iteration's
 parsed `Candidate`s and produces one raw score per candidate and the judge's statistics. Every
 judgement lands in `iter-N/judge_cache.jsonl` as soon as its chunk is done, so a run killed while
@@ -91,12 +91,6 @@ def merge_caches(cache_path: Path) -> None:
         io.write_jsonl(cache_path, rows)
         for p in extra:
             p.unlink()
-
-
-def verdict(p: float) -> float:
-    """1 for a win (p > 0.5), 0.5 for an exact tie, 0 for a loss, where p = P(the first is better):
-    win rates count ties as half a win, and battle matrices count a win per order."""
-    return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
 
 
 def preference(score_a: float, score_b: float) -> float:

@@ -1,7 +1,7 @@
 """Pairwise judge (docs/method.md step 4, the paper's Self-Taught Evaluator setup) on a GGUF model via llama.cpp.
 
 Consumes: a `JudgeConfig` (type llama_cpp, mode pairwise) and groups (instruction, its K responses).
-Produces: one Bradley-Terry score per response, fit within its group (`bradley_terry`, below), plus stats on the judge's
+Produces: one Bradley-Terry score per response, fit within its group (stats.bradley_terry), plus stats on the judge's
 position bias. Every ordered pair (m, n), m != n, is judged in both orders, K(K-1) forward passes per
 group; each pass reads P(the response shown first is better) from the next-token probabilities of the
 labels "A" and "B" at the verdict position, renormalised over the two. No text is generated, so a
@@ -10,14 +10,14 @@ verdict can never fail to parse.
 The prompt is the built-in PAIRWISE_PROMPT (judge.prompt is for the pointwise judge and is not used
 here). It follows MT-Bench's pairwise "[[A]]"/"[[B]]" format and ends with judges.llama.LEAD_IN-style
 "Verdict: [[", so the next token is the label. Both responses are fenced and passed through
-judges.llama.sanitize: neither can close its fence or write "[[", so neither can pose as the verdict.
+llamacpp.sanitize: neither can close its fence or write "[[", so neither can pose as the verdict.
 """
 
 import numpy as np
 from tqdm import tqdm
 
-from minitpo.judges import verdict
-from minitpo.judges.llama import eval_prompt, fit_prompt, model_chat_turn, next_token_ids, open_llama_judge, sanitize
+from minitpo.stats import bradley_terry, same_winner, two_order_p, verdict
+from minitpo.llamacpp import eval_prompt, fit_prompt, model_chat_turn, next_token_ids, open_llama_judge, sanitize
 
 # The instruction comes first so that all K(K-1) prompts of a group share it as a token prefix, and
 # the prompts with the same first response share that too (we judge them consecutively).
@@ -83,7 +83,7 @@ def pairwise_verdicts(llm, instructions: list[str], first: list[str], second: li
                       masses: list | None = None) -> list[float]:
     """P(the response shown first is better) for each (instruction, first, second), one forward pass
     each, in the order given. `llm` is an open llama_cpp.Llama, or a JudgeConfig to open (and close).
-    A prompt over n_ctx has its longest text cut to fit (judges.llama.fit_prompt); its index goes into `cut`.
+    A prompt over n_ctx has its longest text cut to fit (llamacpp.fit_prompt); its index goes into `cut`.
     `masses`, when given, receives each pass's probability on the two labels (the verdict mass)."""
     assert len(instructions) == len(first) == len(second), "instructions, first and second differ in length"
     if not hasattr(llm, "eval"):  # a JudgeConfig
@@ -170,52 +170,5 @@ def both_orders(cfg, instructions: list[str], responses_a: list[str], responses_
 
 def compare(cfg, instructions: list[str], responses_a: list[str], responses_b: list[str],
             progress: bool = True) -> list[float]:
-    """P(A better than B) per item, averaged over both orders (`two_order_p`)."""
+    """P(A better than B) per item, averaged over both orders (stats.two_order_p)."""
     return [two_order_p(p_ab, p_ba) for p_ab, p_ba in both_orders(cfg, instructions, responses_a, responses_b, progress)]
-
-
-def two_order_p(p_ab: float, p_ba: float) -> float:
-    """P(A better than B) from P(A better | A shown first) and P(B better | B shown first):
-    (p_ab + (1 - p_ba)) / 2, which cancels the judge's position bias to first order."""
-    return (p_ab + 1.0 - p_ba) / 2
-
-
-def same_winner(p_ab: float, p_ba: float) -> bool:
-    """The two orders pick the same winner (or both tie): position consistency's unit."""
-    return verdict(p_ab) == 1.0 - verdict(p_ba)
-
-
-def bradley_terry(wins, prior: float = 0.5, max_iter: int = 10_000, tol: float = 1e-10) -> list[float]:
-    """Bradley-Terry strengths e from a K x K battle matrix, wins[m][n] = times m beat n (docs/method.md step 4).
-
-    Maximises sum_{m,n} B[m][n] * log sigmoid(e_m - e_n) (Bradley & Terry 1952), where
-    B = wins + `prior` pseudo-wins each way between every pair: the prior keeps the maximum finite
-    when a candidate is undefeated or never wins, and leaves ties exactly tied. Fit with Hunter's MM
-    algorithm (Hunter 2004, "MM algorithms for generalized Bradley-Terry models"), which increases the
-    likelihood every step: with p = exp(e), p_m <- W_m / sum_{n != m} N_mn / (p_m + p_n), W_m = sum_n
-    B[m][n] the wins of m and N_mn = B[m][n] + B[n][m] the games between m and n. Returns e, mean 0.
-
-    Example: wins [[0, 3], [1, 0]] gives B = [[0, 3.5], [1.5, 0]]; at the optimum
-    sigmoid(e_0 - e_1) = 3.5 / 5, so e_0 - e_1 = log(7/3) and e = [0.4236, -0.4236]."""
-
-    b = np.asarray(wins, dtype=np.float64)
-    k = len(b)
-    assert b.shape == (k, k), f"wins must be a square matrix, got shape {b.shape}"
-    assert (b >= 0).all() and np.isfinite(b).all(), "wins must be finite and non-negative"
-    assert prior > 0, f"prior must be positive to keep scores finite, got {prior}"
-    if k < 2:
-        return [0.0] * k
-    off = ~np.eye(k, dtype=bool)
-    b = np.where(off, b + prior, 0.0)  # self-battles never count
-    w = b.sum(axis=1)  # (K,) wins of each candidate
-    n = b + b.T  # (K, K) games between each pair, 0 on the diagonal
-    log_p = np.zeros(k)
-    for _ in range(max_iter):
-        p = np.exp(log_p)
-        new = np.log(w) - np.log((n / (p[:, None] + p[None, :])).sum(axis=1))
-        new -= new.mean()  # strengths are defined up to a shift; keep the geometric mean of p at 1
-        done = np.abs(new - log_p).max() < tol
-        log_p = new
-        if done:
-            break
-    return [float(x) for x in log_p]
