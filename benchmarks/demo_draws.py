@@ -45,7 +45,7 @@ def gguf_check(run_dir: Path, n: int) -> dict:
     from llama_cpp import Llama
 
     from minitpo import rundir
-    from minitpo.judges.llama import quiet_stderr
+    from minitpo.llamacpp import quiet_stderr
     from minitpo.recipe import load_recipe
 
     if (run_dir / "gguf_check.jsonl").exists():  # checked by an earlier call: read, not redone

@@ -57,7 +57,8 @@ def open_llama_judge(cfg):
         with quiet_stderr(), no_weight_repacking():
             # n_batch <= 512 is a multiple of KEEP_ALIGN, or it is n_ctx and holds any prompt in one batch
             llm = Llama(model_path=str(path), n_ctx=cfg.n_ctx, n_batch=min(512, cfg.n_ctx or 512),
-                        n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads, logits_all=False,
+                        n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads, n_threads_batch=cfg.n_threads,
+                        logits_all=False,
                         verbose=False, **_own_gpu())
     except (ValueError, RuntimeError):
         raise UserError(f"judge.model: {str(path)!r} is not a valid GGUF file (llama.cpp could not load it); "

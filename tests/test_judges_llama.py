@@ -267,6 +267,13 @@ def test_model_is_closed_after_use(ggufs):
     assert llm._model.model is None and llm._ctx.ctx is None  # weights and KV cache freed
 
 
+def test_n_threads_sets_the_batch_threads_too(ggufs):
+    """judge.n_threads bounds every llama.cpp thread pool: the judge evaluates whole prompts (batches), and
+    llama-cpp-python gives batches all the CPU's threads unless told otherwise."""
+    with llamacpp.open_llama_judge(Cfg(model=str(ggufs["plain"]), n_threads=1)) as llm:
+        assert (llm.context_params.n_threads, llm.context_params.n_threads_batch) == (1, 1)
+
+
 def test_malformed_gguf_is_a_user_error(ggufs, tmp_path):
     random_bytes = tmp_path / "random.gguf"
     random_bytes.write_bytes(np.random.default_rng(0).bytes(4096))

@@ -19,7 +19,6 @@ from tqdm import tqdm
 from minitpo.errors import UserError
 from minitpo.llamacpp import (eval_prompt, fit_prompt, load_vocab, model_chat_turn, next_token_ids, open_llama_judge,
                               sanitize, tokenize_prompt)
-from minitpo.llamacpp import quiet_stderr  # noqa: F401  benchmarks/demo_draws.py imports it from here
 
 # The built-in judge prompt. The instruction comes first so that the K responses to one instruction
 # share a token prefix (see eval_prompt). Rating format after MT-Bench's "[[rating]]"; we end the
