@@ -44,6 +44,9 @@ def open_chat(path: str | Path, template: str | None = None, max_new_tokens: int
     (or SamplingConfig's defaults for a bare adapter)."""
     resolved = resolve_adapter(path, template)
     overrides = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+    forced = resolved.sampling.force_marker and resolved.sampling.thought_tokens
+    if max_new_tokens is not None and forced and forced >= max_new_tokens:  # the run's thought budget does not
+        overrides["thought_tokens"] = max(1, max_new_tokens // 2)  # fit the shorter output: half, as its default
     sampling = dataclasses.replace(resolved.sampling, **{k: v for k, v in overrides.items() if v is not None})
     model, tokenizer = load_policy(resolved.policy, resolved.adapter_dir)
     model.eval()

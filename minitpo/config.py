@@ -6,12 +6,13 @@ raises `UserError` with the key, the bad value and the fix. Reading a YAML file 
 """
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from minitpo.errors import UserError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GENERATE_AUTO_BATCH = 64  # sampling.batch_size auto under sampling.engine generate
 
 
 def _check(ok: bool, key: str, value, fix: str) -> None:
@@ -73,7 +74,9 @@ class SamplingConfig:
     temperature: float = 0.8  # paper: 0.8
     top_p: float = 0.95  # paper: 0.95
     max_new_tokens: int = 1024  # thought + response; a candidate that hits it is a parse failure
-    batch_size: int | Literal["auto"] = "auto"  # sequences decoded at once; auto: as many as memory holds (<= 256)
+    batch_size: int | Literal["auto"] = "auto"  # sequences decoded at once. auto: under engine fast, as many as
+    #   the free memory holds, up to 256 (known only when sampling starts: iter-N/stages.json records each
+    #   pass's sampling_slots); under engine generate, 64 (resolved here, so recipe.yaml says 64)
     memory_gb: float | None = None  # cap on the sampler's memory (its weight copy, KV cache, workspace); null = free memory
     seed: int = 0  # iteration t samples with seed + t
     engine: Literal["fast", "generate"] = "fast"  # fast: minitpo/engine.py; generate: plain transformers
@@ -82,6 +85,7 @@ class SamplingConfig:
     #   before the marker gets it appended and goes on to its response (s1-style budget forcing), for
     #   small models that do not write the format by themselves. Off in the paper's recipes
     thought_tokens: int | None = None  # with force_marker: the thought's budget; null = half of max_new_tokens
+    #   (resolved here when force_marker is on; without it the budget is not used and stays null)
     unforced: int = 0  # with force_marker: the last this many of each instruction's K are never forced, so
     #   that an output without the marker is a format failure and the rejected side of its pair (the
     #   paper's rule): the preference DPO needs to learn the marker. Forcing shrinks by itself as the
@@ -102,6 +106,13 @@ class SamplingConfig:
                "sampling.thought_tokens", self.thought_tokens, "use 1 to max_new_tokens - 1, or null")
         _check(0 <= self.unforced < self.k, "sampling.unforced", self.unforced,
                f"use 0 to k - 1 ({self.k - 1}): at least one candidate per instruction may be forced")
+        _check(self.max_new_tokens >= 2 or not self.force_marker, "sampling.max_new_tokens", self.max_new_tokens,
+               "use 2 or more with force_marker: the thought and the response need a token each")
+        # Defaults that depend on other settings, resolved here so that recipe.yaml records what ran
+        if self.force_marker and self.thought_tokens is None:
+            object.__setattr__(self, "thought_tokens", max(1, self.max_new_tokens // 2))
+        if self.engine == "generate" and self.batch_size == "auto":
+            object.__setattr__(self, "batch_size", GENERATE_AUTO_BATCH)
 
 
 @dataclass(frozen=True)
@@ -167,7 +178,8 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
-    gradient_checkpointing: bool | None = None  # None = on with nf4 (saves memory, costs ~30% time)
+    gradient_checkpointing: bool | None = None  # null = on with nf4 (saves memory, costs ~30% time); resolved
+    #   with the policy's quantization when the recipe is read (Recipe), so recipe.yaml says true or false
     val_fraction: float = 0.0  # pairs held out to pick the best epoch (paper picks by held-out score)
     logps_chunk: int = 1024  # tokens per chunk of the LM head; memory grows with chunk * vocab
     # Matmuls of the reference and training passes. auto: bfloat16 on CUDA and on a CPU with native bf16
@@ -229,4 +241,6 @@ class Recipe:
         if self.sampling.force_marker and self.thought.template == "direct":
             raise UserError("sampling.force_marker: true needs a thought template with a marker, not 'direct'; "
                             "set it to false or pick another thought.template")
+        if self.train.gradient_checkpointing is None:  # resolved here, so that recipe.yaml records it
+            object.__setattr__(self, "train", replace(self.train, gradient_checkpointing=self.policy.quantization == "nf4"))
 

@@ -168,6 +168,7 @@ class Sampler:
         self.cuda_graphs, self.compile = cuda_graphs, compile
         self.engine: _Engine | None = None  # built by the first call, freed on exit
         self._shape = None  # (slots wanted, cache columns, max_new_tokens) the engine was built for
+        self.slots_built: list[int] = []  # the slots of each engine built, in order (auto: what the memory held)
         self._closed = False
 
     def __enter__(self) -> "Sampler":
@@ -230,6 +231,7 @@ class Sampler:
             return e
         self._free()  # the old engine goes before the new one takes its memory
         self.engine, self._shape = self._build(want, n_cols, max_new, stop), shape
+        self.slots_built.append(self.engine.slots.cur.shape[0])
         return self.engine
 
     def _build(self, n_slots: int, n_cols: int, max_new: int, stop) -> _Engine:

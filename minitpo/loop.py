@@ -42,7 +42,7 @@ from minitpo.device import free_memory, pick_device
 from minitpo.model import context_length, enable_checkpointing, load_policy, load_tokenizer, save_adapter
 from minitpo.pairs import Pair, auto_rho, build_pairs, by_instruction, control_length, judged
 from minitpo.prompts import load_template
-from minitpo.sample import Candidate, check_prompt_lengths, eos_token_ids, sample_candidates
+from minitpo.sample import Candidate, check_prompt_lengths, eos_token_ids, open_sampler, sample_candidates
 from minitpo.judges import merge_caches, merge_stats, rank_cache, score_candidates
 from minitpo.stages import JUDGE, PAIR, SAMPLE, TRAIN, Stages
 from minitpo.summary import check_summaries, summarize, summary_line, write_summary
@@ -168,8 +168,9 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
     is done (minitpo/stages.py), and the next reads that file back: a resumed run goes on from the same data."""
     stages = Stages(it, predicted)  # predicted: {stage: GiB}, recorded beside the measured peaks
     # 1-3. K thought+response candidates per instruction from M_{t-1}, split at the marker.
-    # the sampler's model copy, KV cache and CUDA graphs are freed as sample_candidates returns, before the judge loads
-    rows = stages.run(SAMPLE, lambda: sample_stage(*policy.at(t - 1), instructions, template, recipe, seed=recipe.sampling.seed + t))
+    # the sampler's model copy, KV cache and CUDA graphs are freed as sample_stage returns, before the judge loads
+    rows = stages.run(SAMPLE, lambda: sample_stage(*policy.at(t - 1), instructions, template, recipe, seed=recipe.sampling.seed + t,
+                                                   on_slots=lambda slots: stages.record("sampling_slots", slots)))
     candidates = [Candidate(**row) for row in rows]
 
     # 4. The judge scores responses only (never thoughts); 5. length control normalises them per instruction.
@@ -196,11 +197,17 @@ def run_iteration(t: int, it: Path, instructions: list[Instruction], template, r
 # The stages. Each takes plain data, does this rank's share under torchrun (minitpo/dist.py) and returns, on
 # rank 0, its files as {name in iter-N/: rows} for Stages.run to write (None on the other ranks).
 
-def sample_stage(model, tokenizer, instructions: list[Instruction], template, recipe: Recipe, seed: int) -> dict | None:
-    """K candidates per instruction, in the instructions' order."""
+def sample_stage(model, tokenizer, instructions: list[Instruction], template, recipe: Recipe, seed: int,
+                 on_slots=None) -> dict | None:
+    """K candidates per instruction, in the instructions' order. on_slots(list) is told the fast sampler's
+    slots per pass: what batch_size auto chose from the free memory, known only now."""
     mine = dist.shard(instructions)
-    candidates = sample_candidates(model, tokenizer, mine, template, recipe.sampling, seed=seed,
-                                   system_prompt=recipe.thought.system_prompt, progress=dist.is_main())
+    with open_sampler(model, tokenizer, recipe.sampling) as sampler:
+        candidates = sample_candidates(model, tokenizer, mine, template, recipe.sampling, seed=seed,
+                                       system_prompt=recipe.thought.system_prompt, sampler=sampler,
+                                       progress=dist.is_main())
+    if on_slots is not None and getattr(sampler, "slots_built", None):
+        on_slots(sampler.slots_built)
     k = recipe.sampling.k
     groups = dist.gather([candidates[i * k:(i + 1) * k] for i in range(len(mine))])  # per instruction
     return {rundir.CANDIDATES: [dataclasses.asdict(c) for g in groups for c in g]} if dist.is_main() else None
@@ -280,7 +287,7 @@ class Policy:
             gc.collect()
             adapter = rundir.adapter_dir(self.out, rundir.iteration_name(t)) if t > 0 else None
             self.model, self.tokenizer = load_policy(self.recipe.policy, adapter, self.device)
-            if _checkpointing(self.recipe):
+            if self.recipe.train.gradient_checkpointing:  # resolved in the schema (Recipe)
                 enable_checkpointing(self.model)
             self.trained = t
         return self.model, self.tokenizer
@@ -291,8 +298,3 @@ class Policy:
 
     def free_cache(self):
         free_memory()
-
-
-def _checkpointing(recipe: Recipe) -> bool:
-    on = recipe.train.gradient_checkpointing
-    return recipe.policy.quantization == "nf4" if on is None else on

@@ -9,6 +9,7 @@ runs from any working directory); paths given as command-line overrides against 
 directory, as a shell user expects.
 """
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -65,7 +66,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
     recipe = _build(Recipe, raw, prefix="")
     if check_files:
         _check_trainable(recipe)
-        _check_files(recipe)
+        recipe = _check_files(recipe)  # a Hub judge file becomes its path in the Hugging Face cache
         _check_log(recipe)
     return recipe
 
@@ -156,6 +157,16 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     return plain(dataclasses.asdict(recipe))
 
 
+def resolved_as_now(raw: dict) -> dict | None:
+    """A run directory's recipe.yaml (`raw`, as read) with the defaults the schema resolves now filled in
+    (a null gradient_checkpointing as an older minitpo wrote it: true with nf4), for comparing with a
+    resumed run's recipe; None when it no longer loads."""
+    try:
+        return recipe_to_dict(_build(Recipe, copy.deepcopy(raw), prefix=""))
+    except UserError:
+        return None
+
+
 def _resolve_packaged_models(raw: dict) -> dict:
     for section in ("policy", "judge"):
         holder = raw.get(section)
@@ -186,7 +197,8 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
             continue
         value = holder[name] = os.path.expanduser(holder[name])
         candidate = base / value
-        if not Path(value).is_absolute() and (candidate.exists() or _looks_like_path(value)):
+        hub = key == "judge.model" and hub_file(value)  # kept as written unless a file of that name is here
+        if not Path(value).is_absolute() and (candidate.exists() or (_looks_like_path(value) and not hub)):
             holder[name] = str(candidate.resolve())
     judge = raw.get("judge")
     if isinstance(judge, dict) and isinstance(judge.get("function"), str):
@@ -194,6 +206,18 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
         if module.endswith(".py") and not Path(module).is_absolute():
             judge["function"] = f"{(base / module).resolve()}:{name}"
     return raw
+
+
+def hub_file(value: str) -> tuple[str, str] | None:
+    """(repo id, file in the repo) when `value` names a GGUF file on the Hugging Face Hub, else None.
+
+    The rule for judge.model: an existing local file of that name always wins (the caller checks);
+    otherwise ORG/REPO/FILE.gguf or ORG/REPO/sub/dir/FILE.gguf (two slashes or more, ending in .gguf,
+    not starting with ./, ../, / or ~, no empty part) is a Hub file, and anything else a local path."""
+    parts = value.split("/")
+    if value.startswith((".", "/", "~")) or not value.endswith(".gguf") or len(parts) < 3 or not all(parts):
+        return None
+    return "/".join(parts[:2]), "/".join(parts[2:])
 
 
 def _looks_like_path(value: str) -> bool:
@@ -288,12 +312,16 @@ def _describe(tp) -> str:
     return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
-def _check_files(recipe: Recipe) -> None:
+def _check_files(recipe: Recipe) -> Recipe:
     """Every file and folder the recipe names, checked before any model loads: a mistake found after an
-    hour of sampling costs the hour."""
+    hour of sampling costs the hour. Returns the recipe with a Hub judge file (hub_file) replaced by its
+    path in the Hugging Face cache, downloaded there first when it is not yet."""
     _check_model("policy.model", recipe.policy.model, "give a local model folder, a .gguf file or a Hub id")
     _check_instructions(recipe.data.instructions)
     judge = recipe.judge
+    if judge.type == "llama_cpp" and not Path(judge.model).is_file() and (hub := hub_file(judge.model)):
+        judge = dataclasses.replace(judge, model=hub_file_path("judge.model", judge.model, *hub))
+        recipe = dataclasses.replace(recipe, judge=judge)
     if judge.type == "llama_cpp":
         _check_file("judge.model", judge.model, "give the path of a GGUF judge model")
         check_gguf("judge.model", judge.model)
@@ -320,6 +348,7 @@ def _check_files(recipe: Recipe) -> None:
             raise UserError(f"sampling.stop: {stop!r} holds the thought marker {marker!r}, so no output could have "
                             "a response; remove it from sampling.stop")
     _check_out(recipe.out)
+    return recipe
 
 
 def _check_file(key: str, value: str, fix: str) -> None:
@@ -398,3 +427,44 @@ def _check_hub_id(key: str, repo_id: str, fix: str) -> None:
             reason = f"huggingface.co cannot be reached ({str(e).splitlines()[0][:80]})"
     raise UserError(f"{key}: {repo_id!r} is not in the local Hugging Face cache and {reason}; give a local "
                     f"model folder or .gguf file, or download it first (hf download {repo_id})")
+
+
+
+def hub_file_path(key: str, value: str, repo_id: str, filename: str) -> str:
+    """The local path of `filename` in the Hub repository `repo_id`: its copy in the Hugging Face cache,
+    else downloaded there once (as transformers downloads the policy). The cached copy is used without
+    asking the Hub, so a run's judge does not change under it when the repository is updated. Not cached
+    and offline (HF_HUB_OFFLINE, or huggingface.co unreachable): one line, before any model loads."""
+    from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        cached = try_to_load_from_cache(repo_id, filename)
+    except HFValidationError:
+        raise UserError(f"{key}: {value!r} is neither an existing file nor a Hub file (ORG/REPO/FILE.gguf); "
+                        "give the path of a .gguf file") from None
+    if isinstance(cached, str):
+        return cached
+    if constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            files = {s.rfilename for s in HfApi().model_info(repo_id, timeout=10).siblings or ()}
+        except RepositoryNotFoundError:
+            reason = "the Hub has no such repository (or it is private and no token is set)"
+        except Exception as e:  # DNS, connection, proxy, timeout: all mean "not downloadable from here"
+            reason = f"huggingface.co cannot be reached ({str(e).splitlines()[0][:80]})"
+        else:
+            if filename not in files:
+                raise UserError(f"{key}: {value!r}: the Hub repository {repo_id} has no file {filename!r}; check its "
+                                f"name at https://huggingface.co/{repo_id}/tree/main, or give a local .gguf file")
+            try:
+                return hf_hub_download(repo_id, filename)
+            except GatedRepoError:
+                raise UserError(f"{key}: {value!r} is in a gated repository; accept its terms at "
+                                f"https://huggingface.co/{repo_id} and log in (hf auth login), or give a local "
+                                ".gguf file") from None
+            except Exception as e:  # the connection dropped mid-download: a rerun resumes it
+                reason = f"its download failed ({str(e).splitlines()[0][:80]})"
+    raise UserError(f"{key}: {value!r} is not in the local Hugging Face cache and {reason}; download it once "
+                    f"with `hf download {repo_id} {filename}`, or give the path of a local .gguf file")

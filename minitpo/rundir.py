@@ -253,11 +253,16 @@ def claim(out: Path, resolved: dict) -> list[str]:
         mark(out)  # first: from its first file on, the directory is minitpo's
         io.write_text(path, yaml.safe_dump(resolved, sort_keys=False))
         return []
-    before, now = _flat(yaml.safe_load(path.read_text(encoding="utf-8")) or {}), _flat(resolved)
+    from minitpo.recipe import resolved_as_now  # recipe.py imports the judges; keep this module light
+
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    before, now = _flat(raw), _flat(resolved)
     # A key missing from the run's recipe.yaml came to minitpo after the run was written (a new setting, a
     # default now resolved in the schema): it is not a change, a run from an older minitpo resumes, and
-    # its recipe.yaml gains the key with the value the rest of the run uses.
-    changed = sorted(k for k in before if before[k] != now.get(k) and k.split(".")[0] not in FREE)
+    # its recipe.yaml gains the key with the value the rest of the run uses. A null or auto that the schema
+    # now resolves is compared as it resolves (older recipe.yaml files hold them unresolved).
+    then = _flat(resolved_as_now(raw) or raw)
+    changed = sorted(k for k in before if then.get(k, before[k]) != now.get(k) and k.split(".")[0] not in FREE)
     for key in changed:
         section = key.split(".")[0]
         stage_file = READ_BY.get(key, READ_BY.get(section))

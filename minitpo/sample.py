@@ -25,13 +25,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from minitpo.config import SamplingConfig
+from minitpo.config import GENERATE_AUTO_BATCH, SamplingConfig
 from minitpo.draw import sample_next, uniform_table
 from minitpo.errors import UserError
 from minitpo.prompts import Template, build_prompt, split_output, word_count
 
-
-GENERATE_AUTO_BATCH = 64  # sampling.engine generate with batch_size auto
 
 
 @dataclass(frozen=True)
@@ -147,7 +145,7 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg: S
         return text, len(tokenizer(text, add_special_tokens=False)["input_ids"]), True
 
     force = cfg.force_marker and marker is not None
-    first_budget = (cfg.thought_tokens or max(1, cfg.max_new_tokens // 2)) if force else cfg.max_new_tokens
+    first_budget = cfg.thought_tokens if force else cfg.max_new_tokens  # resolved in SamplingConfig
     # With a marker the first pass may hold a thought, which stop texts do not end: it runs to its budget.
     results = [cut(*r) for r in run([prompt_ids[i] for i, _ in jobs], seeds(0, range(len(jobs))), first_budget,
                                      "sample", early_stop=marker is None)]

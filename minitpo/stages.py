@@ -13,6 +13,8 @@ a resumed run skips a done stage and reads that file back. `Stages(it).run(STAGE
   held during the stage (this rank's, `peak_gpu_gib`); on a Linux CPU the process's peak resident memory
   during it (`peak_rss_gib`, reset at the stage's start) and its resident memory at the start
   (`start_rss_gib`): the difference is what the stage added, libraries it imported included;
+  `record` adds what a stage chose at run time (the sampler's slots under batch_size auto,
+  `sampling_slots`);
 - returns the stage's rows read back from its file, so a run that stopped and one that did not go on
   from the same data.
 """
@@ -39,7 +41,7 @@ JUDGE = Stage("judge", rundir.SCORES)
 PAIR = Stage("pair", rundir.PAIRS)
 TRAIN = Stage("train", rundir.TRAIN_SUMMARY)
 # what stages.json holds beside the stages' wall times
-_NOT_TIMES = ("world_size", "peak_gpu_gib", "predicted_peak_gib", "peak_rss_gib", "start_rss_gib")
+_NOT_TIMES = ("world_size", "peak_gpu_gib", "sampling_slots", "predicted_peak_gib", "peak_rss_gib", "start_rss_gib")
 
 
 class Stages:
@@ -78,6 +80,12 @@ class Stages:
             self.times[stage.name] = None
             self._save_times()
         return io.read_jsonl(path) if path.suffix == ".jsonl" else io.read_json(path)
+
+    def record(self, key: str, value) -> None:
+        """Keep `value` in stages.json under `key` (one of _NOT_TIMES): what a stage chose at run time."""
+        assert key in _NOT_TIMES, f"{key} is not a stages.json key beside the times"
+        self.times[key] = value
+        self._save_times()
 
     def wall_times(self) -> dict:
         """{stage name: seconds} (None for a time lost to a kill), for the iteration's summary."""

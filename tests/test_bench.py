@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, hf_cache_file
 from minitpo import ifeval, io, suites
 
 needs_bench = pytest.mark.skipif(ifeval.checkers_dir() is None, reason="the bench extra is not installed")
@@ -194,6 +194,24 @@ def test_user_errors_are_one_line_before_any_model_loads(tiny_run, fixtures, tmp
         assert result.returncode == 2, (args, result.stderr[-2000:])
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, result.stderr[-2000:])
+
+
+def test_a_hub_judge_override_comes_from_the_hugging_face_cache(tmp_path, monkeypatch):
+    """bench judge.model=ORG/REPO/FILE.gguf: the cached file (the real tiny judge, offline), or one line."""
+    from huggingface_hub import constants
+
+    from minitpo.bench import _judge
+    from minitpo.errors import UserError
+    from minitpo.recipe import load_recipe, recipe_to_dict
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cached = hf_cache_file(tmp_path / "hub", "someone/big-judge-GGUF", "big.gguf", TINY / "judge.gguf")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(load_recipe(ROOT / "recipes" / "tiny.yaml"))))
+    assert _judge(tmp_path, ["judge.model=someone/big-judge-GGUF/big.gguf"]).model == str(cached)
+    with pytest.raises(UserError, match=r"^judge.model: 'someone/none-GGUF/big.gguf' is not in the local Hugging Face "
+                                        "cache and HF_HUB_OFFLINE is set; download it once with `hf download"):
+        _judge(tmp_path, ["judge.model=someone/none-GGUF/big.gguf"])
 
 
 def test_a_missing_suite_says_how_to_get_it(tmp_path):

@@ -133,6 +133,49 @@ def test_resume_skips_finished_stages_and_redoes_a_killed_one(tiny_run, tmp_path
     assert "train" in redo.stderr and "sample" not in redo.stderr
 
 
+def test_recipe_yaml_records_the_resolved_defaults_and_stages_json_the_slots(tiny_run):
+    """tiny.yaml leaves train.gradient_checkpointing unset with an nf4 policy: on. It samples 16
+    instructions x 4 candidates = 64 prompts with batch_size 64, so the fast engine builds 64 slots,
+    once (no forcing: one pass)."""
+    import yaml
+
+    out, _ = tiny_run
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["policy"]["quantization"] == "nf4" and recipe["train"]["gradient_checkpointing"] is True
+    for t in (1, 2):
+        assert json.load(open(out / f"iter-{t}" / "stages.json"))["sampling_slots"] == [64]
+
+
+def test_a_run_written_by_an_older_minitpo_resumes(tiny_run, tmp_path):
+    """An older recipe.yaml: without a key added since (judge.min_verdict_mass) and with a default then
+    left unresolved (gradient_checkpointing: null). Iteration 2 lost its training (as after a kill):
+    the run resumes, trains it again and keeps every finished stage, and recipe.yaml gains the values
+    the run uses."""
+    import yaml
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    old = yaml.safe_load((out / "recipe.yaml").read_text())
+    del old["judge"]["min_verdict_mass"]
+    old["train"]["gradient_checkpointing"] = None
+    (out / "recipe.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    it2 = out / "iter-2"
+    for name in ("summary.json", "train_summary.json", "train_log.jsonl"):
+        (it2 / name).unlink()
+    shutil.rmtree(it2 / "adapter")
+    kept = [p for t in (1, 2) for p in (out / f"iter-{t}").iterdir() if p.name != "stages.json"]
+    kept += [out / "iter-1" / "stages.json"]
+    stamps = {p: os.stat(p).st_mtime_ns for p in kept}
+
+    result = minitpo("run", "recipes/tiny.yaml", "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {p: os.stat(p).st_mtime_ns for p in kept} == stamps  # nothing finished was redone
+    assert "train" in result.stderr and "sample" not in result.stderr and "changed" not in result.stderr
+    assert (it2 / "summary.json").exists() and (it2 / "adapter" / "adapter_config.json").exists()
+    now = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert now["judge"]["min_verdict_mass"] == 0.0 and now["train"]["gradient_checkpointing"] is True
+
+
 def test_help_for_every_command():
     result = minitpo("--help")
     assert result.returncode == 0 and "think" in result.stdout
@@ -333,8 +376,10 @@ def test_sigkill_at_many_moments_then_resume_loses_only_the_stage_in_flight(tiny
             assert (out / f"iter-{t}" / name).exists(), f"iter-{t}/{name}"
         for name in ("candidates.jsonl", "scores.jsonl", "pairs.jsonl"):
             assert jsonl(out / f"iter-{t}" / name) == jsonl(tiny_run[0] / f"iter-{t}" / name), f"iter-{t}/{name}"
-        assert set(json.load(open(out / f"iter-{t}" / "stages.json"))) == {
-            "sample", "judge", "pair", "train", "world_size", "predicted_peak_gib", "peak_rss_gib", "start_rss_gib"}
+        stages = json.load(open(out / f"iter-{t}" / "stages.json"))
+        assert set(stages) == {"sample", "judge", "pair", "train", "world_size", "sampling_slots",
+                               "predicted_peak_gib", "peak_rss_gib", "start_rss_gib"}
+        assert stages["sampling_slots"] == [64]  # recorded before the sample stage's file: no kill loses it
     for p in out.rglob("*.json"):
         json.load(open(p))
     for p in out.rglob("*.jsonl"):

@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from minitpo.recipe import load_recipe, recipe_to_dict
+from conftest import TINY, hf_cache_file
+from minitpo.recipe import hub_file, load_recipe, recipe_to_dict
 from minitpo.errors import UserError
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -117,6 +119,95 @@ def test_cached_hub_id_passes_offline(files, hub_offline):
     (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
     recipe = load_recipe(write(files, BASE), ["policy.model=someone/cached-model"])
     assert recipe.policy.model == "someone/cached-model"
+
+
+@pytest.mark.parametrize("value, hub", [
+    ("org/repo/judge.gguf", ("org/repo", "judge.gguf")),
+    ("org/repo/sub/dir/judge.gguf", ("org/repo", "sub/dir/judge.gguf")),
+    ("org/judge.gguf", None),  # one slash: a folder and a file
+    ("./org/repo/judge.gguf", None), ("../org/repo/judge.gguf", None), ("/org/repo/judge.gguf", None),
+    ("~/org/repo/judge.gguf", None), ("org//judge.gguf", None), ("org/repo/judge.bin", None),
+])
+def test_the_hub_file_rule(value, hub):
+    assert hub_file(value) == hub
+
+
+def test_hub_judge_is_found_in_the_hugging_face_cache_offline(files, hub_offline):
+    """judge.model ORG/REPO/sub/FILE.gguf, from the recipe file or the command line, becomes the cached
+    file's path, which the run's recipe.yaml then records; the tiny judge is a real GGUF."""
+    cached = hf_cache_file(hub_offline, "someone/judge-GGUF", "sub/judge.gguf", TINY / "judge.gguf")
+    recipe = load_recipe(write(files, BASE), ["judge.model=someone/judge-GGUF/sub/judge.gguf"])
+    assert recipe.judge.model == str(cached) and recipe_to_dict(recipe)["judge"]["model"] == str(cached)
+    text = BASE.replace("judge.gguf}", "someone/judge-GGUF/sub/judge.gguf}")
+    assert load_recipe(write(files, text)).judge.model == str(cached)
+    # A finished run's recipe (check_files off) keeps the value as written: nothing is looked up
+    assert load_recipe(write(files, text), check_files=False).judge.model == "someone/judge-GGUF/sub/judge.gguf"
+
+
+def test_a_local_file_of_a_hub_files_name_wins(files, hub_offline, monkeypatch):
+    hf_cache_file(hub_offline, "org/repo", "judge.gguf", TINY / "judge.gguf")
+    local = files / "org" / "repo" / "judge.gguf"
+    local.parent.mkdir(parents=True)
+    local.write_bytes((TINY / "judge.gguf").read_bytes())
+    text = BASE.replace("judge.gguf}", "org/repo/judge.gguf}")
+    assert load_recipe(write(files, text)).judge.model == str(local.resolve())  # beside the recipe
+    monkeypatch.chdir(files)
+    assert load_recipe(write(files, BASE), ["judge.model=org/repo/judge.gguf"]).judge.model == "org/repo/judge.gguf"
+
+
+def test_hub_judge_not_cached_offline_or_unreachable_is_one_line(files, hub_offline, monkeypatch):
+    from huggingface_hub import constants
+
+    fix = "download it once with `hf download someone/none-GGUF judge-q4.gguf`, or give the path of a local .gguf file"
+    with pytest.raises(UserError) as e:
+        load_recipe(write(files, BASE), ["judge.model=someone/none-GGUF/judge-q4.gguf"])
+    assert str(e.value) == ("judge.model: 'someone/none-GGUF/judge-q4.gguf' is not in the local Hugging Face cache "
+                            f"and HF_HUB_OFFLINE is set; {fix}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: no network
+    with pytest.raises(UserError) as e:
+        load_recipe(write(files, BASE), ["judge.model=someone/none-GGUF/judge-q4.gguf"])
+    message = str(e.value)
+    assert message.startswith("judge.model: 'someone/none-GGUF/judge-q4.gguf' is not in the local Hugging Face "
+                              "cache and huggingface.co cannot be reached (") and message.endswith(fix)
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("name, judge", [
+    ("qwen1.5b.yaml", "bartowski/Qwen2.5-7B-Instruct-GGUF/Qwen2.5-7B-Instruct-Q4_K_M.gguf"),
+    ("qwen1.5b-direct.yaml", "bartowski/Qwen2.5-7B-Instruct-GGUF/Qwen2.5-7B-Instruct-Q4_K_M.gguf"),
+    ("llama3-8b.yaml", "bartowski/Meta-Llama-3.1-8B-Instruct-GGUF/Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf"),
+])
+def test_gpu_recipes_name_a_hub_judge_file(name, judge):
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / name, check_files=False)
+    assert recipe.judge.model == judge  # kept as written, not made a path beside the recipe
+
+
+@pytest.mark.parametrize("overrides, checkpointing, thought_tokens, batch_size", [
+    ([], True, None, "auto"),  # nf4 checkpoints; no forcing, no budget; the fast engine's auto is known at run time
+    (["policy.quantization=none"], False, None, "auto"),
+    (["train.gradient_checkpointing=false"], False, None, "auto"),
+    (["policy.quantization=none", "train.gradient_checkpointing=true"], True, None, "auto"),
+    (["sampling.force_marker=true", "sampling.max_new_tokens=101"], True, 50, "auto"),
+    (["sampling.force_marker=true", "sampling.max_new_tokens=2"], True, 1, "auto"),
+    (["sampling.force_marker=true", "sampling.thought_tokens=30"], True, 30, "auto"),
+    (["sampling.engine=generate"], True, None, 64),
+    (["sampling.engine=generate", "sampling.batch_size=8"], True, None, 8),
+    (["sampling.batch_size=8"], True, None, 8),
+])
+def test_defaults_are_resolved_into_the_recipe_and_read_back_the_same(files, overrides, checkpointing,
+                                                                      thought_tokens, batch_size):
+    recipe = load_recipe(write(files, BASE), overrides)
+    assert recipe.train.gradient_checkpointing is checkpointing
+    assert recipe.sampling.thought_tokens == thought_tokens and recipe.sampling.batch_size == batch_size
+    # what a run writes as recipe.yaml loads back to the same recipe (eval, chat and a resume read it)
+    saved = write(files, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), name="saved.yaml")
+    assert recipe_to_dict(load_recipe(saved, check_files=False)) == recipe_to_dict(recipe)
+
+
+def test_forcing_with_one_new_token_is_refused(files):
+    with pytest.raises(UserError, match="sampling.max_new_tokens: 1 is out of range; use 2 or more with force_marker"):
+        load_recipe(write(files, BASE), ["sampling.force_marker=true", "sampling.max_new_tokens=1"])
 
 
 def test_missing_required_key(files):

@@ -158,6 +158,20 @@ def test_chat_on_an_iteration_and_a_truncated_output(iteration):
                                     "showing the raw text)\n")  # the one token is not EOS: cut off
 
 
+def test_chat_shorter_than_a_forced_runs_thought_budget(adapter, tmp_path):
+    """A force_marker run's recipe.yaml holds its thought budget (tiny: half of 64 = 32); --max-new-tokens
+    at or under it gives the thought half of the new limit, one above it keeps the run's budget."""
+    from minitpo.chat import open_chat
+
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run / "iter-1" / "adapter")
+    recipe = recipe_to_dict(load_recipe(ROOT / "recipes" / "tiny.yaml", ["sampling.force_marker=true"], check_files=False))
+    assert recipe["sampling"]["thought_tokens"] == 32
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert open_chat(run / "iter-1", max_new_tokens=32).sampling.thought_tokens == 16
+    assert open_chat(run / "iter-1", max_new_tokens=33).sampling.thought_tokens == 32
+
+
 def test_chat_user_error_is_one_line(iteration):
     result = minitpo("chat", iteration.parent, "--prompt", "hi")
     lines = result.stderr.strip().splitlines()

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, hf_cache_file
 from minitpo.config import JudgeConfig
 from minitpo.stats import bootstrap_interval
 from minitpo.judges.check import (KINDS, REFUSALS, at_chance, check_judge, headline, load_preference_set, sanity_items,
@@ -75,6 +75,37 @@ def test_user_set_in_trl_format_and_json_through_the_cli(tmp_path):
     assert "warning: the judge cannot be told from chance" in result.stdout  # 2 items cannot show more
     assert "judge-check: chosen preferred 0.500 (95% CI 0.000-1.000, n 2: too few items for an interval)" in result.stdout
     assert "  math: 0.000 (0.000-0.000, n 1: too few items for an interval)" in result.stdout
+
+
+def test_hub_gguf_judge_from_the_hugging_face_cache_offline(tmp_path):
+    """judge.model ORG/REPO/FILE.gguf through the real CLI, with HF_HUB_OFFLINE=1: found in the cache the
+    real tiny judge was put into, it judges as the same file given by its path does; not cached, one line
+    and exit status 2, before any model loads."""
+    import os
+
+    rows = [{"prompt": "Capital of France?", "chosen": "Paris is the capital.", "rejected": "No."},
+            {"prompt": "2+2?", "chosen": "It is 4.", "rejected": "It is four hundred and twelve."}]
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hf_cache_file(tmp_path / "hub", "someone/tiny-judge-GGUF", "judge.gguf", TINY / "judge.gguf")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+
+    def check(model, name):
+        return subprocess.run([sys.executable, "-m", "minitpo", "judge-check", "recipes/tiny.yaml", f"judge.model={model}",
+                               "--set", tmp_path / "set.jsonl", "--json", tmp_path / name], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    hub = check("someone/tiny-judge-GGUF/judge.gguf", "hub.json")
+    assert hub.returncode == 0, hub.stderr[-2000:]
+    local = check(TINY / "judge.gguf", "local.json")
+    assert local.returncode == 0, local.stderr[-2000:]
+    a, b = (json.load(open(tmp_path / name)) for name in ("hub.json", "local.json"))
+    assert (a["accuracy"], a["verdict_mass"], a["kinds"]) == (b["accuracy"], b["verdict_mass"], b["kinds"])
+
+    missing = check("someone/no-judge-GGUF/judge.gguf", "missing.json")
+    assert missing.returncode == 2 and missing.stderr.strip() == (
+        "error: judge.model: 'someone/no-judge-GGUF/judge.gguf' is not in the local Hugging Face cache and "
+        "HF_HUB_OFFLINE is set; download it once with `hf download someone/no-judge-GGUF judge.gguf`, or give "
+        "the path of a local .gguf file")
 
 
 def test_bad_user_set_names_the_line(tmp_path):
