@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from minitpo.errors import UserError
+from minitpo.errors import Terminated, UserError, check_terminated, quiet_dropped_terminate, terminate
 from minitpo.prompts import TEMPLATES
 
 
@@ -231,22 +231,15 @@ def _exit_now(status: int):
     os._exit(status)
 
 
-class Terminated(BaseException):
-    """SIGTERM (what a scheduler or `kill` sends): stops the run as Ctrl-C does. A BaseException, as
-    KeyboardInterrupt is, so that no `except Exception` on the way swallows it."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
-
-
 def main():
     first = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone speaks for the run
     if not first:
         os.environ["TQDM_DISABLE"] = "1"  # before tqdm is imported: bars given no `disable` stay quiet
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
+    sys.unraisablehook = quiet_dropped_terminate
     try:
         cli.main(prog_name="minitpo", standalone_mode=False)
+        check_terminated()  # a SIGTERM whose exception was dropped (see errors.terminate) still ends as one
     except UserError as e:
         if first:
             click.echo(f"error: {e}", err=True)

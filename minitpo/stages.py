@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from minitpo import dist, io, rundir
+from minitpo import dist, errors, io, rundir
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class Stages:
 
     def run(self, stage: Stage, work: Callable[[], dict | None]):
         path = self.it / stage.output
+        errors.check_terminated()  # a SIGTERM dropped inside a __del__ stops the run here, between stages
         if not dist.broadcast(path.exists()):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()

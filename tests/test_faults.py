@@ -239,3 +239,33 @@ def test_a_damaged_split_is_refused_never_drawn_again(finished, tmp_path, damage
     assert line.startswith(f"error: {held}: " + ("line 1 is not valid JSON" if damage == "cut" else "missing, and split.json is there"))
     assert line.endswith("restore it from a copy, or start over with --fresh"), line
     assert (out / "split.json").read_bytes() == split and not (out / "iter-2").exists()
+
+
+def test_a_sigterm_dropped_inside_a_destructor_still_stops_the_run_at_the_next_stage(tmp_path):
+    """Python runs a signal handler between bytecodes of whatever runs then; inside a __del__ its exception
+    is printed and dropped. The flag the handler sets makes the next stage raise it anyway."""
+    import gc
+
+    from minitpo import errors
+    from minitpo.stages import Stage, Stages
+
+    class Collected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(1000))  # bytecode after the signal: the handler runs here and its raise is dropped
+
+    previous, previous_hook = signal.signal(signal.SIGTERM, errors.terminate), sys.unraisablehook
+    dropped = []
+    sys.unraisablehook = lambda u: dropped.append(u.exc_type)
+    try:
+        Collected()
+        gc.collect()  # nothing raised: the Terminated was dropped inside __del__
+        assert dropped == [errors.Terminated]
+        ran = []
+        with pytest.raises(errors.Terminated):
+            Stages(tmp_path).run(Stage("sample", "candidates.jsonl"), lambda: ran.append(1))
+        assert ran == [] and not (tmp_path / "candidates.jsonl").exists()  # the stage never started
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
+        errors._terminated = False
