@@ -37,6 +37,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from minitpo.device import reset_peak_rss, rss_bytes  # noqa: E402
 from minitpo.logps import naive_sequence_logps, sequence_logps  # noqa: E402
 from minitpo.loss import dpo_loss  # noqa: E402
 
@@ -103,27 +104,24 @@ def make_batch(args, vocab_size, device):
 def reset_peak_memory(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    elif os.path.exists("/proc/self/clear_refs"):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # 5 = reset the peak RSS (VmHWM) to the current RSS
+    else:
+        reset_peak_rss()  # Linux: VmHWM back to the current RSS; nothing without /proc
 
 
 def peak_memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # not resettable: whole-process peak
+    try:
+        return rss_bytes("VmHWM") / 2**30
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # not resettable: whole-process peak
 
 
 def current_memory_gib(device):
     """Memory held before a variant's first step (weights, optimizer-free): the base its peak adds to."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**30
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20  # kB
+    return rss_bytes("VmRSS") / 2**30
 
 
 def synchronize(device):

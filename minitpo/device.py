@@ -3,8 +3,10 @@ judge, training and the loop would otherwise each decide for themselves: the dev
 dtype, the NF4 (4-bit) config, and giving memory back.
 
 Consumes nothing but torch's view of the machine. Produces a device name ("cuda" or "cpu"), dtypes,
-a `BitsAndBytesConfig`, and `free_memory()`."""
+a `BitsAndBytesConfig`, `free_memory()`, `trim_heap()`, and the process's resident memory on Linux
+(`reset_peak_rss()`, `rss_bytes()`), which is what a stage holds on a CPU."""
 
+import ctypes
 import functools
 import gc
 
@@ -42,3 +44,30 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS: glibc keeps what was just freed (a closed GGUF judge's KV
+    cache, a finished stage's tensors), so the resident memory stays up, and a next stage reusing the pages
+    would go unseen in its peak. Nothing where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def reset_peak_rss() -> int | None:
+    """Reset this process's peak resident memory (Linux: VmHWM) to its current one, and return that in
+    bytes; None where /proc does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5 = reset the peak RSS (VmHWM) to the current RSS
+        return rss_bytes("VmRSS")
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def rss_bytes(field: str = "VmHWM") -> int:
+    """A memory field of /proc/self/status in bytes: VmRSS (now) or VmHWM (peak since the last reset)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))

@@ -11,7 +11,6 @@ Ctrl-C held (`quiet_stderr`) and without CPU weight repacking (`no_weight_repack
 `check_gguf` is the one GGUF magic-bytes check, for the recipe's load-time checks and for the judge.
 """
 
-import ctypes
 import io
 import os
 import re
@@ -69,10 +68,9 @@ def open_llama_judge(cfg):
         llm.close()
         # glibc keeps the heap pages just freed (KV cache, compute buffers); hand them back to the OS.
         # gemma-3-270m Q4_K_M, n_ctx 2048: RSS 44 MiB before load, 377 loaded, 105 closed, 48 trimmed.
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
+        from minitpo.device import trim_heap  # here: importing device imports torch, which a judge alone skips
+
+        trim_heap()
 
 
 def load_vocab(path):

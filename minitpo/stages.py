@@ -19,7 +19,6 @@ a resumed run skips a done stage and reads that file back. `Stages(it).run(STAGE
   from the same data.
 """
 
-import ctypes
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Callable
 import torch
 
 from minitpo import dist, errors, io, rundir
+from minitpo.device import reset_peak_rss, rss_bytes, trim_heap
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Stages:
             if torch.cuda.is_available():
                 self.times.setdefault("peak_gpu_gib", {})[stage.name] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             elif start_rss is not None:
-                self.times.setdefault("peak_rss_gib", {})[stage.name] = round(_status_bytes("VmHWM") / 2**30, 3)
+                self.times.setdefault("peak_rss_gib", {})[stage.name] = round(rss_bytes("VmHWM") / 2**30, 3)
                 self.times.setdefault("start_rss_gib", {})[stage.name] = round(start_rss / 2**30, 3)
             if self.predicted.get(stage.name) is not None:
                 self.times.setdefault("predicted_peak_gib", {})[stage.name] = self.predicted[stage.name]
@@ -107,21 +107,7 @@ def _write(path: Path, content) -> None:
 
 
 def _reset_peak_rss() -> int | None:
-    """Hand the heap's free pages back (glibc keeps what the last stage freed, and this stage would reuse
-    it unseen), reset this process's peak resident memory (Linux: VmHWM) to its current one, and return
-    that; None where /proc does not allow it."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_bytes("VmRSS")
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+    """The heap's free pages handed back (what the last stage freed would otherwise be reused unseen), then
+    this process's peak resident memory reset to its current one, which is returned (None without /proc)."""
+    trim_heap()
+    return reset_peak_rss()
