@@ -28,6 +28,13 @@ from minitpo.errors import UserError
 
 GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file
 KEEP_ALIGN = 32  # tokens; see eval_prompt
+N_BATCH = 512  # tokens llama.cpp evaluates at once, at most (a multiple of KEEP_ALIGN)
+
+
+def n_batch(n_ctx: int) -> int:
+    """llama.cpp's n_batch for a context of n_ctx: N_BATCH, or n_ctx when smaller (it then holds any
+    prompt in one batch)."""
+    return min(N_BATCH, n_ctx or N_BATCH)
 
 _FENCE_TAG = re.compile(r"<(?=\s*/?\s*(?:instruction|response)\b)", re.IGNORECASE)
 _SENTINEL = "\x00minitpo-judge-user-turn\x00"
@@ -54,8 +61,7 @@ def open_llama_judge(cfg):
 
     try:
         with quiet_stderr(), no_weight_repacking():
-            # n_batch <= 512 is a multiple of KEEP_ALIGN, or it is n_ctx and holds any prompt in one batch
-            llm = Llama(model_path=str(path), n_ctx=cfg.n_ctx, n_batch=min(512, cfg.n_ctx or 512),
+            llm = Llama(model_path=str(path), n_ctx=cfg.n_ctx, n_batch=n_batch(cfg.n_ctx),
                         n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads, n_threads_batch=cfg.n_threads,
                         logits_all=False,
                         verbose=False, **_own_gpu())

@@ -13,7 +13,7 @@ What a stage holds at its peak (e: bytes of the compute dtype, 2 (bf16) on a GPU
              prompt + max_new_tokens columns, and the sampling workspace), the slots as engine.fit_slots
              picks them for this memory + one prefill block's layer activations (engine.PREFILL_TOKENS).
   judge      policy + llama.cpp's share on this device: the GGUF file, its f16 K/V over n_ctx and the
-             attention scores of one 512-token batch; or a reward model's weights and one batch's forward.
+             attention scores of one batch (llamacpp.n_batch); or a reward model's weights and one batch's forward.
   reference  policy + a forward without gradients over 2 x train.batch_size rows: one layer's activations,
              the final hidden states and one chunk of log-probs (logps.py).
   train      policy + LoRA gradients and Adam's two moments (float32) + activations: with checkpointing every
@@ -28,12 +28,12 @@ from pathlib import Path
 from minitpo import engine
 from minitpo.config import Recipe
 from minitpo.errors import UserError
+from minitpo.llamacpp import n_batch
 
 GIB = 2**30
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weight, 8-bit absmax per 64, float32 absmax per 256 blocks
 CUDA_CONTEXT = GIB // 2  # the CUDA context and kernels: outside torch's allocator and its peaks
 CHARS_PER_TOKEN = 4  # English BPE; the CLI's prompt length when the instructions are not tokenized
-LLAMA_BATCH = 512  # llama.cpp's n_batch in judges/llama.py
 MARKER_TOKENS = 8  # a forced marker, EOS: what a pair's row holds beyond the sampled tokens
 
 # Configs of the shipped recipes' models (their config.json on the Hub), for planning offline.
@@ -156,7 +156,7 @@ def judge_need(cfg, device: str, e: int, rows: int) -> tuple[float | None, dict,
         return None, {}, f"{cfg.model} is not here and not in minitpo's table: unknown"
     on = 1.0 if device == "cpu" or cfg.n_gpu_layers < 0 else min(cfg.n_gpu_layers, L) / L
     kv = cfg.n_ctx * L * 2 * kv_heads * hd * 2 * on  # f16 K and V
-    scores = LLAMA_BATCH * cfg.n_ctx * heads * 4 * (on > 0)  # one batch's float32 attention scores
+    scores = n_batch(cfg.n_ctx) * cfg.n_ctx * heads * 4 * (on > 0)  # one batch's float32 attention scores
     parts = {"gguf": _gib(size * on), "kv": _gib(kv), "scores": _gib(scores)}
     return size * on + kv + scores, parts, f"llama.cpp, {Path(model).name} from {where}"
 
