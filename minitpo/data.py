@@ -110,7 +110,7 @@ def read_instructions(data) -> tuple[list[Instruction], list[str]]:
     items, n_rows = _read(data.instructions, data.split, data.column)
     empty = n_rows - len(items)
     items, duplicates = drop_duplicates(items)
-    kept = [i for i in items if len(i.text) <= data.max_chars] if data.max_chars else items
+    kept = [i for i in items if len(i.text) <= data.max_chars]
     notes = [f"data.instructions: {empty} empty lines or rows dropped"] if empty else []
     if duplicates:
         notes.append(f"data.instructions: {duplicates} repeated instructions dropped (the first of each kept), "
