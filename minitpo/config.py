@@ -44,6 +44,9 @@ class ThoughtConfig:
     system_prompt: bool = False  # put the thought instructions in the system prompt (paper variant)
     min_words: int = 0  # an output whose thought has fewer words is a format failure (rejected, never
     #   chosen); forcing never appends the marker to a shorter one. 0: thoughts are optional, as in the paper
+    prefill: bool = False  # the assistant's turn opens with the thought's opening ("<think>" and a newline), as
+    #   DeepSeek-R1's and Qwen3's chat templates do: the model starts inside its thought and cannot skip it.
+    #   Exported models carry it in their chat template. Only for templates with an opening (think, generic)
 
     def __post_init__(self):
         _check(self.min_words >= 0, "thought.min_words", self.min_words, "use 0 (no minimum) or more")

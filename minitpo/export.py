@@ -16,6 +16,7 @@ import torch
 from minitpo.errors import UserError
 from minitpo.io import write_dir, write_file
 from minitpo.model import load_policy
+from minitpo.prompts import prefilled_chat_template
 from minitpo.rundir import resolve_adapter
 
 
@@ -33,6 +34,8 @@ def export_merged(path: str | Path, out: str | Path) -> Path:
     save_dtype = _own_dtype(policy.model)
     model, tokenizer = load_policy(policy, resolved.adapter_dir, device="cpu")
     merged = model.merge_and_unload(safe_merge=True).to(save_dtype).eval()  # safe_merge: fail on NaN
+    if isinstance(tokenizer.chat_template, str):  # with thought.prefill, the chat template opens the thought as training did
+        tokenizer.chat_template = prefilled_chat_template(tokenizer.chat_template, resolved.template)
 
     def fill(tmp: Path):
         merged.save_pretrained(tmp)
@@ -53,7 +56,7 @@ def export_gguf(path: str | Path, out: str | Path, qtype: str = "f16", lora: boo
     arch = gguf_export.architecture(resolved.policy.model)
     policy = dataclasses.replace(resolved.policy, quantization="none", dtype="float32")
     model, tokenizer = load_policy(policy, resolved.adapter_dir, device="cpu")
-    extra = gguf_export.thought_metadata(resolved.template)
+    extra = gguf_export.thought_metadata(resolved.template, tokenizer)
     if lora:
         write_file(out, lambda tmp: gguf_export.write_lora_gguf(model, tmp, arch, extra))
         return out

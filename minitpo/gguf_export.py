@@ -129,7 +129,7 @@ def _copy_metadata(writer, reader) -> None:
     file type): the tokenizer, the chat template, the hyperparameters and the model card stay as they were."""
     import gguf
 
-    skip = {"general.architecture", "general.file_type", "general.quantization_version"}
+    skip = {"general.architecture", "general.file_type", "general.quantization_version", *writer_keys(writer)}
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name in skip:
             continue
@@ -256,19 +256,30 @@ def _write_tokenizer(writer, tokenizer, n_vocab: int) -> None:
             add(value)
     ids_a = tokenizer("a").input_ids
     writer.add_add_bos_token(bos is not None and len(ids_a) > 0 and ids_a[0] == bos)
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):
-        template = template.get("default")
-    if template:
+    template = _chat_template(tokenizer)
+    if template and "tokenizer.chat_template" not in writer_keys(writer):
         writer.add_chat_template(template)
 
 
 # ------------------------------------------------------------------------------------------- writing
 
-def thought_metadata(template) -> dict[str, str]:
+def thought_metadata(template, tokenizer=None) -> dict[str, str]:
     """The thought template the model was trained with, for whoever runs the file: the prompt to wrap
-    a message in (with its {instruction} placeholder) and the marker its response follows."""
-    return {"minitpo.thought_template": template.text, "minitpo.thought_marker": template.marker or ""}
+    a message in (with its {instruction} placeholder) and the marker its response follows. With
+    thought.prefill, also the tokenizer's chat template with the thought's opening after the assistant's
+    start (prompts.prefilled_chat_template), in place of the one the model came with."""
+    from minitpo.prompts import prefilled_chat_template
+
+    extra = {"minitpo.thought_template": template.text, "minitpo.thought_marker": template.marker or ""}
+    chat = _chat_template(tokenizer) if tokenizer is not None else None
+    if template.prefill and chat:
+        extra["tokenizer.chat_template"] = prefilled_chat_template(chat, template)
+    return extra
+
+
+def _chat_template(tokenizer) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    return template.get("default") if isinstance(template, dict) else template
 
 
 def write_model_gguf(model, tokenizer, out: Path, arch: str, qtype: str, source_gguf: str | None = None,
@@ -351,6 +362,11 @@ def _writer(out: Path, arch: str, extra: dict[str, str] | None):
     for key, value in (extra or {}).items():
         writer.add_string(key, value)
     return writer
+
+
+def writer_keys(writer) -> set[str]:
+    """The keys `writer` holds already (its `extra` keys): copied or default metadata does not overwrite them."""
+    return {key for shard in writer.kv_data for key in shard}
 
 
 def _finish(writer) -> None:

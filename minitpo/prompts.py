@@ -24,6 +24,13 @@ class Template:
     marker: str | None  # the response starts after it; None means no thought (direct)
     thought_prefix: str = ""  # stripped from the start of the thought when present
     min_words: int = 0  # a thought of fewer words is a format failure (thought.min_words)
+    prefill: bool = False  # the assistant's turn opens with thought_prefix and a newline (thought.prefill)
+
+    @property
+    def opening(self) -> str:
+        """What the prompt ends with after the chat template's assistant start: the thought's opening
+        with thought.prefill, else nothing."""
+        return self.thought_prefix + "\n" if self.prefill else ""
 
 
 GENERIC = Template(
@@ -71,10 +78,18 @@ TEMPLATES = {t.name: t for t in (GENERIC, SPECIFIC, THINK, DIRECT)}
 def load_template(thought: ThoughtConfig) -> Template:
     """The recipe's template: `thought.template` names one of TEMPLATES, or a text file with an
     {instruction} placeholder whose marker the recipe declares (`thought.marker`); with
-    `thought.min_words`."""
+    `thought.min_words` and `thought.prefill`."""
     name_or_path, marker, min_words = thought.template, thought.marker, thought.min_words
     if name_or_path in TEMPLATES:
-        return replace(TEMPLATES[name_or_path], min_words=min_words)
+        template = TEMPLATES[name_or_path]
+        if thought.prefill and not template.thought_prefix:
+            openings = ", ".join(t.name for t in TEMPLATES.values() if t.thought_prefix)
+            raise UserError(f"thought.prefill: the {name_or_path} template has no thought opening to start the "
+                            f"answer with; use a template that has one ({openings}) or set thought.prefill=false")
+        return replace(template, min_words=min_words, prefill=thought.prefill)
+    if thought.prefill:
+        raise UserError(f"thought.prefill: a template file ({name_or_path}) declares no thought opening to start "
+                        "the answer with; use thought.template=think or set thought.prefill=false")
     path = Path(name_or_path)
     if not path.is_file():
         raise UserError(
@@ -114,8 +129,18 @@ def build_prompt(tokenizer, template: Template, instruction: str, system_prompt:
     one (the generation prompt included), else plain text and a newline, for the model to continue."""
     messages = build_messages(template, instruction, system_prompt)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n\n".join(m["content"] for m in messages) + "\n"
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + template.opening
+    return "\n\n".join(m["content"] for m in messages) + "\n" + template.opening
+
+
+def prefilled_chat_template(chat_template: str, template: Template) -> str:
+    """`chat_template` (Jinja) with the thought's opening written after the assistant's start whenever a
+    generation prompt is asked for: what an exported model carries, so that any chat tool prompts it as it
+    was trained (build_prompt). Unchanged without thought.prefill."""
+    if not template.prefill:
+        return chat_template
+    opening = template.opening.replace("\n", "{{ '\\n' }}")  # a literal newline could be trimmed by the template's whitespace rules
+    return chat_template + "{% if add_generation_prompt %}" + opening + "{% endif %}"
 
 
 def word_count(thought: str) -> int:

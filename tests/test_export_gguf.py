@@ -179,6 +179,41 @@ def test_gguf_sourced_policy_keeps_the_source_metadata(gguf_policy, ids, tmp_pat
     assert [t.name for t in got.tensors] == [t.name for t in src.tensors]
 
 
+def test_prefill_travels_in_the_exported_chat_template(gguf_policy, tiny_tokenizer, tmp_path):
+    """With thought.prefill, llama-cpp-python's own chat formatter, reading the exported file's template, writes
+    the prompt minitpo trained on (the thought's opening included); the merged transformers folder's
+    tokenizer does too. Without it the source's template is kept (test above)."""
+    import shutil
+
+    import gguf
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from minitpo.export import export_merged
+    from minitpo.prompts import build_messages, build_prompt
+    from transformers import AutoTokenizer
+
+    source, iteration = gguf_policy
+    run = tmp_path / "run"
+    shutil.copytree(iteration, run / "iter-1")
+    recipe = load_recipe(iteration.parent / "recipe.yaml", ["thought.template=think", "thought.prefill=true"],
+                         check_files=False)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    template = resolve_adapter(run / "iter-1").template
+    want = build_prompt(tiny_tokenizer, template, "Name a colour.")
+    assert want.endswith("assistant\n<think>\n")
+
+    out = export_gguf(run / "iter-1", tmp_path / "model.gguf", "q8_0")
+    chat = gguf.GGUFReader(out).fields["tokenizer.chat_template"].contents()
+    assert chat != gguf.GGUFReader(source).fields["tokenizer.chat_template"].contents()
+    formatter = Jinja2ChatFormatter(chat, eos_token="<|im_end|>", bos_token="", add_generation_prompt=True)
+    assert formatter(messages=build_messages(template, "Name a colour.")).prompt == want
+
+    merged = export_merged(run / "iter-1", tmp_path / "merged")
+    tok = AutoTokenizer.from_pretrained(merged)
+    assert tok.apply_chat_template(build_messages(template, "Name a colour."), tokenize=False,
+                                   add_generation_prompt=True) == want
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "gemma3"])
 def test_other_architectures(kind, tiny_tokenizer, ids, tmp_path):
     base = random_model(kind, tmp_path / kind, tiny_tokenizer)

@@ -1,10 +1,13 @@
 """The thought templates and the thought/response split (minitpo/prompts.py)."""
 
+from dataclasses import replace
+
 import pytest
 
 from minitpo.config import ThoughtConfig
 from minitpo.errors import UserError
-from minitpo.prompts import DIRECT, GENERIC, SPECIFIC, THINK, build_messages, build_prompt, load_template, split_output
+from minitpo.prompts import (DIRECT, GENERIC, SPECIFIC, THINK, build_messages, build_prompt, load_template,
+                             prefilled_chat_template, split_output)
 
 
 def test_generic_split_strips_the_thought_prefix():
@@ -107,3 +110,43 @@ def test_word_count_counts_runs_of_non_space_across_tabs_and_newlines():
 
     assert word_count("  Let me\tthink it\nthrough -- twice. ") == 7  # Let me think it through -- twice.: "--" is a word: no punctuation rules
     assert word_count("") == word_count(" \n\t ") == 0
+
+
+def test_prefill_opens_the_thought_after_the_assistant_start(tiny_tokenizer):
+    t = load_template(ThoughtConfig(template="think", prefill=True))
+    plain = build_prompt(tiny_tokenizer, THINK, "Name a colour.")
+    assert plain.endswith("<|im_start|>assistant\n")
+    assert build_prompt(tiny_tokenizer, t, "Name a colour.") == plain + "<think>\n"
+    # the model's text starts inside the thought: it splits as a whole output did
+    assert split_output("Red is a colour.\n</think>\nRed.", t) == ("Red is a colour.", "Red.")
+    assert split_output("</think>\nRed.", replace(t, min_words=1)) is None  # closed at once: a format failure
+
+    class NoTemplate:
+        chat_template = None
+    assert build_prompt(NoTemplate(), t, "Name a colour.").endswith("User query: Name a colour.\n<think>\n")
+
+
+def test_prefilled_chat_template_gives_the_training_prompt(tiny_tokenizer):
+    """What an exported model carries: transformers, rendering the prefilled template itself, writes the prompt
+    minitpo trained on, and only a generation prompt gets the opening."""
+    import copy
+
+    t = load_template(ThoughtConfig(template="think", prefill=True))
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = prefilled_chat_template(tiny_tokenizer.chat_template, t)
+    messages = build_messages(t, "Name a colour.")
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        build_prompt(tiny_tokenizer, t, "Name a colour.")
+    done = messages + [{"role": "assistant", "content": "Red."}]
+    assert tok.apply_chat_template(done, tokenize=False) == tiny_tokenizer.apply_chat_template(done, tokenize=False)
+    assert prefilled_chat_template("{{ x }}", THINK) == "{{ x }}"  # no prefill: the template as it was
+
+
+@pytest.mark.parametrize("template", ["specific", "direct"])
+def test_prefill_needs_a_thought_opening(template, tmp_path):
+    with pytest.raises(UserError, match=f"thought.prefill: the {template} template has no thought opening"):
+        load_template(ThoughtConfig(template=template, prefill=True))
+    path = tmp_path / "t.txt"
+    path.write_text("Think, then answer after ANSWER:\n{instruction}")
+    with pytest.raises(UserError, match="thought.prefill: a template file"):
+        load_template(ThoughtConfig(template=str(path), marker="ANSWER:", prefill=True))
