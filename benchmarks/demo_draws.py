@@ -11,10 +11,11 @@ Prints per draw and pooled: the win rate against the seed with its 95% interval 
 bootstrap resamples instructions of every draw), the marker written by the model itself and with a
 thought of 5+ words and a response (sample.thinks), both models, on the held-out instructions; the
 constraint pass rate (verifiable instructions) and mean response length of both; the GGUF check;
-the wall time of the run. Writes OUT/draws.json.
+the wall time of the run; with --unforced-check, both models on every held-out instruction sampled by
+minitpo with nothing forced. Writes OUT/draws.json.
 
     python benchmarks/demo_draws.py [--recipe recipes/demo.yaml] [--draws 0 1 2 3 4] [--out runs/draws]
-                                     [--gguf-check 10] [KEY=VALUE ...]
+                                     [--gguf-check 10] [--unforced-check] [KEY=VALUE ...]
 """
 
 import argparse
@@ -74,6 +75,39 @@ def gguf_check(run_dir: Path, n: int) -> dict:
     return gguf_counts(outputs)
 
 
+def unforced_check(run_dir: Path) -> dict:
+    """The trained model and the seed on every held-out instruction, sampled by minitpo with nothing forced
+    (sampling.force_marker off: the recipe's budget, stop texts, temperature and seed): the share of
+    outputs with a thought of 5+ words, the marker and a response (sample.thinks). The eval's marker
+    rate counts only markers written within the thought budget; this one lets a longer thought finish."""
+    import dataclasses
+
+    from minitpo import rundir
+    from minitpo.device import free_memory
+    from minitpo.model import load_policy
+    from minitpo.prompts import load_template
+    from minitpo.recipe import load_recipe
+    from minitpo.sample import sample_candidates, thinks
+
+    if (run_dir / "unforced_check.json").exists():
+        return io.read_json(run_dir / "unforced_check.json")
+    recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
+    template = load_template(recipe.thought)
+    held_out = rundir.read_held_out(run_dir)
+    cfg = dataclasses.replace(recipe.sampling, force_marker=False)
+    out = {}
+    for name in ("seed", rundir_last(run_dir)):
+        policy, tokenizer = load_policy(recipe.policy, None if name == "seed" else rundir.adapter_dir(run_dir, name))
+        policy.eval()
+        cands = sample_candidates(policy, tokenizer, held_out, template, cfg, k=1, seed=recipe.sampling.seed,
+                                  system_prompt=recipe.thought.system_prompt)
+        out["seed" if name == "seed" else "trained"] = sum(thinks(c, template.marker) for c in cands) / len(cands)
+        del policy
+        free_memory()
+    io.write_json(run_dir / "unforced_check.json", out)
+    return out
+
+
 def gguf_counts(outputs: list[dict]) -> dict:
     return {"n": len(outputs), "thinks": sum(o["thinks"] for o in outputs),
             "one_marker": sum(o["one_marker"] for o in outputs)}
@@ -89,7 +123,7 @@ def constraint_rate(rows: list[dict], who: str) -> float | None:
     return met / total if total else None
 
 
-def draw_row(run_dir: Path, seed: int, wall_s: float, gguf: dict | None) -> dict:
+def draw_row(run_dir: Path, seed: int, wall_s: float, gguf: dict | None, unforced: dict | None = None) -> dict:
     name = f"{rundir_last(run_dir)}-vs-seed"
     result = io.read_json(run_dir / "eval" / f"{name}.json")
     rows = io.read_jsonl(run_dir / "eval" / f"{name}.jsonl")
@@ -106,7 +140,7 @@ def draw_row(run_dir: Path, seed: int, wall_s: float, gguf: dict | None) -> dict
         "response_chars": result["response_chars"][m], "seed_response_chars": result["response_chars"][a],
         "train_marker_rate": [s.get("marker_rate") for s in summaries],
         "gguf_thinks": None if gguf is None else f"{gguf['thinks']}/{gguf['n']} ({gguf['one_marker']} with one marker)",
-        "wall_s": round(wall_s, 1), "rows": rows,
+        "unforced_thinks": unforced, "wall_s": round(wall_s, 1), "rows": rows,
     }
 
 
@@ -126,6 +160,8 @@ def main():
     ap.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds, one run each")
     ap.add_argument("--out", default="runs/draws")
     ap.add_argument("--gguf-check", type=int, default=10, help="held-out instructions for llama.cpp (0: skip)")
+    ap.add_argument("--unforced-check", action="store_true",
+                    help="also sample every held-out instruction with nothing forced (both models)")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE recipe overrides for every draw")
     args = ap.parse_args()
 
@@ -135,7 +171,8 @@ def main():
         done = (run_dir / "draw.json").exists()
         wall = io.read_json(run_dir / "draw.json")["wall_s"] if done else run_draw(args.recipe, run_dir, seed, args.overrides)
         gguf = gguf_check(run_dir, args.gguf_check) if args.gguf_check else None
-        row = draw_row(run_dir, seed, wall, gguf)
+        unforced = unforced_check(run_dir) if args.unforced_check else None
+        row = draw_row(run_dir, seed, wall, gguf, unforced)
         io.write_json(run_dir / "draw.json", {k: v for k, v in row.items() if k != "rows"})
         table.append(row)
 
@@ -158,6 +195,11 @@ def main():
     print(f"\npooled over {len(table)} draws ({pooled['n']} held-out instructions): win rate {pooled['win_rate']:.3f} "
           f"(95% CI {pooled['ci_low']:.3f}-{pooled['ci_high']:.3f}); per draw {spread}; above 0.5 in {above} of "
           f"{len(table)}")
+    checked = [r["unforced_thinks"] for r in table if r["unforced_thinks"]]
+    if checked:
+        print("nothing forced, thought + marker + response, trained / seed: " + ", ".join(
+            f"{r['seed']}: {r['unforced_thinks']['trained']:.2f} / {r['unforced_thinks']['seed']:.2f}"
+            for r in table if r["unforced_thinks"]) + f"; mean {statistics.fmean(c['trained'] for c in checked):.2f}")
     print(f"marker written by the trained model: {statistics.fmean(r['marker_rate'] for r in table):.2f} "
           f"(min {min(r['marker_rate'] for r in table):.2f}); with a thought and a response: "
           f"{statistics.fmean(r['thought_rate'] for r in table):.2f} (min {min(r['thought_rate'] for r in table):.2f})")
