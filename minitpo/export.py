@@ -56,10 +56,11 @@ def export_gguf(path: str | Path, out: str | Path, qtype: str = "f16", lora: boo
     arch = gguf_export.architecture(resolved.policy.model)
     policy = dataclasses.replace(resolved.policy, quantization="none", dtype="float32")
     model, tokenizer = load_policy(policy, resolved.adapter_dir, device="cpu")
-    extra = gguf_export.thought_metadata(resolved.template, tokenizer)
-    if lora:
+    if lora:  # llama.cpp prompts with the base file's chat template, not an adapter's
+        extra = gguf_export.thought_metadata(resolved.template)
         write_file(out, lambda tmp: gguf_export.write_lora_gguf(model, tmp, arch, extra))
         return out
+    extra = gguf_export.thought_metadata(resolved.template, tokenizer)
     merged = model.merge_and_unload(safe_merge=True).eval()
     source = policy.model if policy.model.endswith(".gguf") else None
 

@@ -208,6 +208,9 @@ def test_prefill_travels_in_the_exported_chat_template(gguf_policy, tiny_tokeniz
     formatter = Jinja2ChatFormatter(chat, eos_token="<|im_end|>", bos_token="", add_generation_prompt=True)
     assert formatter(messages=build_messages(template, "Name a colour.")).prompt == want
 
+    lora = export_gguf(run / "iter-1", tmp_path / "lora.gguf", lora=True)  # runs under the base file's template
+    assert "tokenizer.chat_template" not in gguf.GGUFReader(lora).fields
+
     merged = export_merged(run / "iter-1", tmp_path / "merged")
     tok = AutoTokenizer.from_pretrained(merged)
     assert tok.apply_chat_template(build_messages(template, "Name a colour."), tokenize=False,
