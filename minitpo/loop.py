@@ -125,7 +125,7 @@ def _check_lengths(recipe: Recipe, out: Path, template, held_out, slices, fresh:
     pending += held_out if pending else []  # a finished run is not held up by them
     if pending:
         return check_prompt_lengths(load_tokenizer(recipe.policy.model), context_length(recipe.policy.model), pending,
-                             template, recipe.sampling, recipe.thought.system_prompt)
+                                    template, recipe.sampling, recipe.thought.system_prompt)
 
 
 def _plan(recipe: Recipe, longest: int | None) -> dict:
