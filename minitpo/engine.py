@@ -34,6 +34,10 @@ prompts of 128 tokens, 256 new tokens, T 0.8, top-p 0.95; benchmarks/sample.py):
    cache. The K copies of an instruction's prompt are prefilled once and their columns copied. The
    number of slots comes from the free memory (`fit_slots`; batch_size "auto" asks for up to
    AUTO_MAX_SLOTS), within an optional budget (sampling.memory_gb).
+5. Continuations. sample.py's forced marker ends a thought and appends the marker; the sequence goes
+   on in its slot (`extend`): only the tokens its cache lacks (the marker's, ~5) are written, by one
+   forward, where a second call would prefill prompt + thought again (CPU demo, 2 cores: 96 such
+   prompts of ~150 tokens cost ~35 s of prefill per iteration; the continuations ~2 s).
 Distribution: minitpo/draw.py's, HF's temperature + top-p; each prompt brings its own seed, and the
 uniform for its n-th token is the n-th of that seed's stream (`uniform_table`), read inside the graph:
 which slot, batch or process draws a sequence never changes its tokens.
@@ -53,20 +57,26 @@ from minitpo.device import free_memory
 from minitpo.draw import sample_next, uniform_table
 from minitpo.model import attention_head_dim, hf_model
 
-SYNC_EVERY = 16  # decode steps between host syncs; a finished slot idles at most this long
+# decode steps between host syncs; a finished slot idles at most this long. On CUDA a sync drains the queue of
+# kernels; on a CPU it costs nothing, and a finished sequence stops costing rows sooner (the CPU demo's sampling: -13%)
+SYNC_EVERY = {"cuda": 16, "cpu": 4}
 AUTO_MAX_SLOTS = 256  # batch_size "auto": at most this many slots (20,299 tok/s at 256 on an H100, above)
-KEY_BLOCK = 128  # decode attends to the filled cache columns rounded up to this (one CUDA graph per width)
+# decode attends to the filled cache columns rounded up to this: one CUDA graph per width on CUDA; on a CPU,
+# which records none, only the columns read cost
+KEY_BLOCK = {"cuda": 128, "cpu": 32}
 PREFILL_TOKENS = 8192  # (prompts x width) per prefill forward: bounds activation memory
 RESERVE_BYTES = 2 << 30  # kept free on the GPU for prefill activations and allocator slack
 WORKSPACE_PER_VOCAB = 32  # bytes per slot per vocab entry: fp32 logits, sort values+indices, cumsum
 
 class SlotCache:
     """K/V buffers (n_slots, H_kv, n_cols, D) per layer, allocated at first use. Prefill writes
-    a block of columns [0, L) for some slots (`rows`); decode writes column `cols[b]` of every slot."""
+    a block of columns [0, L) for some slots (`rows`); a continuation writes columns `at` (n, S), its
+    own per slot, after what those slots hold; decode writes column `cols[b]` of every slot."""
 
     def __init__(self, n_slots, n_cols, cols):
         self.n_slots, self.n_cols, self.cols = n_slots, n_cols, cols  # cols: (B,) the slots' `cur`
-        self.rows = None  # (n,) slot ids during prefill, None during decode
+        self.rows = None  # (n,) slot ids during prefill and continuation, None during decode
+        self.at = None  # (n, S) the cache columns of a continuation's tokens, None otherwise
         self.n_keys = n_cols  # decode attends to columns [0, n_keys): the filled ones, not the whole cache
         self.n_rows = n_slots  # decode computes slots [0, n_rows) (eager steps at the tail: `_compact`)
         self.k, self.v = {}, {}
@@ -82,10 +92,14 @@ class SlotCache:
             self.k[layer_idx] = k.new_zeros(shape)  # zeros, not empty: masked columns must be finite
             self.v[layer_idx] = v.new_zeros(shape)
         K, V = self.k[layer_idx][: self.n_rows], self.v[layer_idx][: self.n_rows]  # views: writes land
-        if self.rows is not None:  # prefill attends within its own block only
+        if self.rows is not None and self.at is None:  # prefill attends within its own block only
             K[:, :, : k.shape[2]].index_copy_(0, self.rows, k)
             V[:, :, : v.shape[2]].index_copy_(0, self.rows, v)
             return k, v
+        if self.rows is not None:  # a continuation attends to what its slots hold, and to itself
+            for buf, new in ((K, k), (V, v)):  # (B, C, H_kv, D) views: row i's token t goes to column at[i, t]
+                buf.transpose(1, 2).index_put_((self.rows[:, None], self.at), new.transpose(1, 2))
+            return K[self.rows, :, :self.n_keys], V[self.rows, :, :self.n_keys]
         idx = self.cols[: self.n_rows].view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])  # (B, H_kv, 1, D)
         K.scatter_(2, idx, k)
         V.scatter_(2, idx, v)
@@ -110,8 +124,10 @@ class _Slots:
     is_stop: torch.Tensor  # (V,) bool: the token ends a sequence once it has written text (stop_ids)
     is_blank: torch.Tensor  # (V,) bool: the token writes only whitespace (or nothing)
     wrote: torch.Tensor  # (B,) bool: the slot has drawn a token that is not blank
+    limit: torch.Tensor  # (B,) the most new tokens of the slot's pass (a first pass, or a continuation)
+    stops: torch.Tensor  # (B,) bool: stop tokens end the slot's pass
 
-    PER_SLOT = ("tokens", "start", "cur", "n_gen", "active", "eos_hit", "uniforms", "out", "wrote")
+    PER_SLOT = ("tokens", "start", "cur", "n_gen", "active", "eos_hit", "uniforms", "out", "wrote", "limit", "stops")
 
     def head(self, n: int) -> "_Slots":
         """The first n slots: views, so a step on them updates these tensors in place."""
@@ -190,11 +206,20 @@ class Sampler:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, seeds: list[int], progress=None,
-                 stop_ids=(), blank_ids=()) -> list[tuple[list[int], bool]]:
+                 stop_ids=(), blank_ids=(), early_stop: bool = True, first_tokens: int | None = None,
+                 extend=None) -> list[tuple[list[int], bool]]:
         """For each prompt: (new token ids without EOS, stopped at EOS?). seeds: one per prompt, its draws
         (uniform_table). A token of stop_ids also ends a sequence (it is kept, and counts as EOS) once the
         sequence holds a token not in blank_ids: the caller, which cuts the text at its stop texts, gets
-        the same text as without them, and the tokens after the stop are never computed.
+        the same text as without them, and the tokens after the stop are never computed. early_stop=False:
+        stop_ids end only continuations (below).
+        first_tokens (default max_new_tokens): the most new tokens of a prompt's first pass. extend(i, ids,
+        ended), when given, is told of prompt i's first pass as it ends and may return its continuation,
+        (prompt, seed, max_new_tokens): a longer prompt, usually prompt i + some of `ids` + more, whose
+        new tokens are then prompt i's result (stop_ids end them). The sequence goes on in its slot: of
+        the continuation's prompt, only what the cache does not already hold (what follows the longest
+        common prefix with prompt i + ids) is written, by one forward, instead of prefilling it all.
+        Its prompt + max_new_tokens may hold at most prompt i's + max_new_tokens.
         sampling.batch_size is the most slots decoded at once, or "auto": as many as the memory holds, up
         to AUTO_MAX_SLOTS (fewer in either case if the KV cache wouldn't fit in the free memory, or in
         sampling.memory_gb when given: the sampling copy, KV cache and workspace together). progress(n)
@@ -210,7 +235,8 @@ class Sampler:
         was_training = e.lm.training
         e.lm.eval()  # sampling in place must not run LoRA dropout
         try:
-            return _run(e, prompt_ids, max_new_tokens, seeds, progress)
+            return _run(e, prompt_ids, max_new_tokens, seeds, progress, min(first_tokens or max_new_tokens, max_new_tokens),
+                        early_stop, extend)
         finally:
             e.lm.train(was_training)
 
@@ -223,7 +249,8 @@ class Sampler:
             e = self.engine  # bound only here: a reference held past this branch would keep the old engine alive
             if e.lm is not e.base:
                 load_dense_weights(e.lm, e.base, e.lm.dtype, e.lm.device)
-            for t in (e.slots.start, e.slots.cur, e.slots.n_gen, e.slots.active, e.slots.eos_hit, e.slots.wrote):
+            for t in (e.slots.start, e.slots.cur, e.slots.n_gen, e.slots.active, e.slots.eos_hit, e.slots.wrote,
+                      e.slots.limit, e.slots.stops):
                 t.zero_()
             is_stop, is_blank = _token_flags(stop, e.slots.is_stop.shape[0], e.slots.is_stop.device)
             e.slots.is_stop.copy_(is_stop)  # in place: a recorded CUDA graph reads these addresses
@@ -252,7 +279,8 @@ class Sampler:
                        torch.zeros(n_slots, max_new, dtype=torch.float, device=device),
                        torch.zeros(n_slots, max_new, dtype=torch.long, device=device),
                        torch.tensor(self.eos_token_ids, dtype=torch.long, device=device),
-                       *_token_flags(stop, base.get_output_embeddings().weight.shape[0], device), z(torch.bool))
+                       *_token_flags(stop, base.get_output_embeddings().weight.shape[0], device), z(torch.bool),
+                       z(), z(torch.bool))
         cfg = lm.config.get_text_config()
         kinds = frozenset(getattr(cfg, "layer_types", None) or ["full_attention"])
         cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
@@ -408,20 +436,21 @@ def _decode_step(e):
     keep = s.active & ~is_eos
     # a stop token is kept (the caller cuts the text at the stop), and only ends a slot that has written
     # text before it: the caller's cut skips leading whitespace, so an earlier stop would not be one
-    is_stop = s.is_stop[nxt] & s.wrote & keep
+    is_stop = s.is_stop[nxt] & s.wrote & keep & s.stops
     s.wrote.logical_or_(keep & ~s.is_blank[nxt])
     s.out.scatter_(1, col, torch.where(keep[:, None], nxt[:, None], s.out.gather(1, col)))
     s.n_gen.add_(keep.long())
     s.eos_hit.logical_or_(is_eos | is_stop)
-    s.active.logical_and_(~is_eos & ~is_stop & (s.n_gen < s.out.shape[1]))
+    s.active.logical_and_(~is_eos & ~is_stop & (s.n_gen < s.limit))
     s.cur.add_(s.active.long())  # finished slots stay put, inside the cache
     s.tokens.copy_(torch.where(s.active, nxt, s.tokens))
 
 
-def _prefill(e, rows, prompts, uniforms):
+def _prefill(e, rows, prompts, uniforms, limit: int, stops: bool):
     """Write all but the last token of each prompt into the cache rows, left-padded to one width;
     the last prompt token becomes the slot's next input, so the first new token is drawn by the
-    decode step like every other. uniforms: (n, max_new), the prompts' draws."""
+    decode step like every other. uniforms: (n, max_new), the prompts' draws; limit and stops: the
+    slots' first pass (_Slots)."""
     s, dev = e.slots, e.slots.cur.device
     width = max(len(p) for p in prompts) - 1
     start = torch.tensor([width - len(p) + 1 for p in prompts], device=dev)  # (n,)
@@ -449,10 +478,48 @@ def _prefill(e, rows, prompts, uniforms):
         copies = [i for i in range(len(prompts)) if src[i] != i]
         if copies:
             e.cache.copy_rows(rows_t[[src[i] for i in copies]], rows_t[copies], width)
-    s.uniforms.index_copy_(0, rows_t, uniforms.to(dev))
     s.start.index_copy_(0, rows_t, start)
-    s.cur.index_fill_(0, rows_t, width)
-    s.tokens.index_copy_(0, rows_t, torch.tensor([p[-1] for p in prompts], device=dev))
+    _arm(e, rows_t, torch.full_like(rows_t, width), [p[-1] for p in prompts], uniforms, [limit] * len(rows), stops)
+
+
+def _continue(e, rows, keep, prompts, uniforms, limits):
+    """Continue the sequences in slots `rows` with `prompts` (each extends what its slot holds): keep the
+    first keep[i] cached tokens of slot rows[i], write prompts[i][keep[i]:-1] after them in one forward
+    (each slot at its own columns, right-padded to one width; a padding token's column lies past the
+    slot's last and is written again before decode reads it), and make prompts[i][-1] the slot's next
+    input, as _prefill does. Stop tokens end a continuation."""
+    s, dev = e.slots, e.slots.cur.device
+    rows_t = torch.tensor(rows, device=dev)
+    start = s.start[rows_t]  # (n,) unchanged: the kept tokens stay where they are
+    new = [p[k:-1] for p, k in zip(prompts, keep)]
+    width = max(map(len, new))
+    if width > 0:
+        ids = torch.full((len(rows), width), e.pad_id or 0, dtype=torch.long)
+        for i, t in enumerate(new):
+            ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        pos = torch.tensor(keep, device=dev)[:, None] + torch.arange(width, device=dev)  # (n, S) position ids
+        at = start[:, None] + pos  # (n, S) cache columns
+        n_keys = min(e.cache.n_cols, int(at.max()) + 1)
+        cols = torch.arange(n_keys, device=dev)
+        dist = at[:, :, None] - cols  # (n, S, K)
+        valid = (cols >= start[:, None, None]) & (dist >= 0)
+        e.cache.rows, e.cache.at, e.cache.n_keys = rows_t, at.clamp(max=e.cache.n_cols - 1), n_keys
+        try:
+            _logits(e, ids.to(dev), pos, valid[:, None], dist[:, None])
+        finally:
+            e.cache.rows = e.cache.at = None
+    cur = start + torch.tensor([len(p) - 1 for p in prompts], device=dev)
+    _arm(e, rows_t, cur, [p[-1] for p in prompts], uniforms, limits, True)
+
+
+def _arm(e, rows_t, cur, tokens, uniforms, limits, stops: bool):
+    """Slots rows_t start a pass: input `tokens` at cache column `cur`, their draws and limits."""
+    s, dev = e.slots, e.slots.cur.device
+    s.uniforms.index_copy_(0, rows_t, uniforms.to(dev))
+    s.cur.index_copy_(0, rows_t, cur)
+    s.tokens.index_copy_(0, rows_t, torch.tensor(tokens, device=dev))
+    s.limit.index_copy_(0, rows_t, torch.tensor(limits, device=dev))
+    s.stops.index_fill_(0, rows_t, stops)
     s.n_gen.index_fill_(0, rows_t, 0)
     s.eos_hit.index_fill_(0, rows_t, False)
     s.wrote.index_fill_(0, rows_t, False)
@@ -490,13 +557,20 @@ def _compact(e, busy, owner, left, pos):
     return list(range(n))
 
 
-def _run(e, prompt_ids, max_new, seeds, progress):
+def _run(e, prompt_ids, max_new, seeds, progress, first, early_stop, extend):
     s, n_slots = e.slots, e.slots.cur.shape[0]
-    table = uniform_table(seeds, max_new) if e.temperature > 0 else torch.zeros(len(prompt_ids), max_new)
+    kind = "cpu" if s.cur.device.type == "cpu" else "cuda"
+    sync_every, key_block = SYNC_EVERY[kind], KEY_BLOCK[kind]
+
+    def draws(seeds_):
+        return uniform_table(seeds_, max_new) if e.temperature > 0 else torch.zeros(len(seeds_), max_new)
+
+    table = draws(seeds)
     queue = deque(sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i])))  # longest first
     owner, left = [-1] * n_slots, [0] * n_slots  # prompt in each slot; decode steps it may still need
     pos = [0] * n_slots  # a bound on each slot's cache column (`cur`), known without a host sync
     results = [None] * len(prompt_ids)
+    asked = [extend is None] * len(prompt_ids)  # extend was told of the prompt's first pass
     while True:
         free = [b for b in range(n_slots) if owner[b] < 0]
         # refill once enough slots are free: each prefill is an eager forward, worth batching
@@ -505,32 +579,61 @@ def _run(e, prompt_ids, max_new, seeds, progress):
             while take:  # blocks of <= PREFILL_TOKENS, the longest prompt first sets the width
                 n = max(1, min(len(take), PREFILL_TOKENS // len(prompt_ids[take[0]])))
                 group, take, rows, free = take[:n], take[n:], free[:n], free[n:]
-                _prefill(e, rows, [prompt_ids[i] for i in group], table[group])
+                _prefill(e, rows, [prompt_ids[i] for i in group], table[group], first, early_stop)
                 width = max(len(prompt_ids[i]) for i in group) - 1
                 for b, i in zip(rows, group):
-                    owner[b], left[b], pos[b] = i, max_new, width
+                    owner[b], left[b], pos[b] = i, first, width
         busy = [b for b in range(n_slots) if owner[b] >= 0]
         if not busy:
             return results
         if e.graphs is None and not queue:  # the tail, stepped eagerly: compute only the busy slots
             busy = _compact(e, busy, owner, left, pos)
         n_rows = n_slots if e.graphs is not None else max(busy) + 1
-        steps = min(SYNC_EVERY, max(left[b] for b in busy))
+        steps = min(sync_every, max(left[b] for b in busy))
         # these steps write and read columns up to max(pos) + steps - 1: attend to that many, rounded up
-        n_keys = min(e.cache.n_cols, -(-(max(pos[b] for b in busy) + steps) // KEY_BLOCK) * KEY_BLOCK)
+        n_keys = min(e.cache.n_cols, -(-(max(pos[b] for b in busy) + steps) // key_block) * key_block)
         _steps(e, n_rows, steps, n_keys)
         for b in busy:
             left[b] -= steps
             pos[b] += steps
         active = s.active.tolist()  # the host sync
         done = [b for b in busy if not active[b]]
-        if done:
-            idx = torch.tensor(done, device=s.cur.device)
-            outs, n_gen, eos = s.out[idx].tolist(), s.n_gen[idx].tolist(), s.eos_hit[idx].tolist()
-            for j, b in enumerate(done):
-                results[owner[b]] = (outs[j][: n_gen[j]], eos[j])
+        if not done:
+            continue
+        idx = torch.tensor(done, device=s.cur.device)
+        outs, n_gen, eos = s.out[idx].tolist(), s.n_gen[idx].tolist(), s.eos_hit[idx].tolist()
+        held = (s.cur[idx] - s.start[idx] + 1).tolist()  # tokens whose K/V the slot holds: prompt + ids, less the last drawn
+        goes_on = []  # (slot, its continuation)
+        for j, b in enumerate(done):
+            i, out = owner[b], (outs[j][: n_gen[j]], eos[j])
+            more = None if asked[i] else extend(i, *out)
+            asked[i] = True
+            if more is None:
+                results[i] = out
+            else:
+                assert len(more[0]) + more[2] <= len(prompt_ids[i]) + max_new, \
+                    "a continuation's prompt + max_new_tokens must fit in its prompt's + max_new_tokens"
+                goes_on.append((b, more, _common_prefix((prompt_ids[i] + out[0])[: held[j]], more[0])))
+        if goes_on:
+            rows = [b for b, _, _ in goes_on]
+            conts = [c for _, c, _ in goes_on]
+            keep = [min(n, len(c[0]) - 1) for _, c, n in goes_on]  # the last token is the decode step's input
+            _continue(e, rows, keep, [c[0] for c in conts], draws([c[1] for c in conts]), [c[2] for c in conts])
+            cur = s.cur[torch.tensor(rows, device=s.cur.device)].tolist()
+            for b, c, col in zip(rows, conts, cur):
+                left[b], pos[b] = c[2], col
+        ended = [b for b in done if b not in {r for r, _, _ in goes_on}]
+        if ended:
+            idx = torch.tensor(ended, device=s.cur.device)
+            for b in ended:
                 owner[b], pos[b] = -1, 0
             s.cur.index_fill_(0, idx, 0)  # an idle slot sits at column 0, inside any n_keys
             s.start.index_fill_(0, idx, 0)
             if progress is not None:
-                progress(len(done))
+                progress(len(ended))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)

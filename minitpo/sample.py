@@ -8,7 +8,7 @@ output is a parse failure: its response was cut off mid-way).
 With `sampling.force_marker`, the thought gets `sampling.thought_tokens` (default: half of
 `max_new_tokens`): an output that ends, or reaches that, before writing the template's marker gets
 "\n\n" + marker + "\n" appended and is sampled on until its response ends, within the same total
-budget (as s1's budget forcing ends a thought, Muennighoff et al. 2025). The newline after the marker
+budget (the fast engine goes on in the output's own slot, writing only the marker's tokens to its cache) (as s1's budget forcing ends a thought, Muennighoff et al. 2025). The newline after the marker
 is measured: SmolLM2 ended its turn right after a bare marker more often (benchmarks/RESULTS.md). Such a candidate is `forced`; DPO then trains on the whole text, marker
 included, so the model can learn to write the marker itself, and the loop records how often it did
 (the natural marker rate).
@@ -125,14 +125,6 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg: S
     marker = template.marker
     stop_ids, blank_ids = stop_tokens(tokenizer, tuple(cfg.stop))
 
-    def run(job_prompts, seeds, max_new_tokens, desc, early_stop):
-        """(decoded text, n_tokens, ended at EOS) per prompt. early_stop: the engine may end an output
-        at a stop text's token (`cut` cuts the text at its stop in any case: this only saves time)."""
-        with tqdm(total=len(job_prompts), desc=desc, unit="seq", dynamic_ncols=True, disable=not progress) as bar:
-            outputs = sampler.generate(job_prompts, max_new_tokens=max_new_tokens, seeds=seeds, progress=bar.update,
-                                       stop_ids=stop_ids if early_stop else (), blank_ids=blank_ids)
-        return [(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit) for ids, hit in outputs]
-
     def seeds(part, numbers):
         return [candidate_seed(seed, instructions[jobs[n][0]].id, jobs[n][1], part) for n in numbers]
 
@@ -145,43 +137,51 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg: S
         return text, len(tokenizer(text, add_special_tokens=False)["input_ids"]), True
 
     force = cfg.force_marker and marker is not None
-    first_budget = cfg.thought_tokens if force else cfg.max_new_tokens  # resolved in SamplingConfig
+    forceable = cfg.k - cfg.unforced  # of the recipe's K, so that eval's k=1 is forced as the loop's
+    firsts = {}  # each output's first pass: the text the model wrote with nothing forced
+    heads = {}  # output -> (its first pass, marker appended when forced; its tokens) for those that go on
+
+    def go_on(n, ids, ended):
+        """Output n's first pass is done. Every output not yet finished with a response goes on: one that
+        stopped or ran out of thought budget without the marker gets it appended, unless it is one of
+        the last `sampling.unforced` candidates of its instruction (those stay format failures: the
+        rejected side of a pair, the paper's rule); one cut off after writing it just continues. Its
+        continuation (the sampler's `extend`) gets the rest of the sampling.max_new_tokens budget."""
+        text, n_tokens, ended = firsts[n] = cut(tokenizer.decode(ids, skip_special_tokens=True), len(ids), ended)
+        if not force:
+            return None
+        i, j = jobs[n]
+        has_marker = marker in text
+        if (ended and has_marker) or (not has_marker and j >= forceable):
+            return None
+        # a thought cut by its budget ends at its last whole sentence, so the marker follows a sentence
+        thought = text if ended else whole_sentences(text)
+        words = word_count(thought.strip().removeprefix(template.thought_prefix))
+        if not has_marker and words < template.min_words:
+            return None  # too short a thought to force: it stays a format failure
+        head = text if has_marker else thought.rstrip() + "\n\n" + marker + "\n"
+        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        if len(head_ids) >= cfg.max_new_tokens:
+            return None
+        heads[n] = (head, len(head_ids), not has_marker)
+        return prompt_ids[i] + head_ids, seeds(1, [n])[0], cfg.max_new_tokens - len(head_ids)
+
     # With a marker the first pass may hold a thought, which stop texts do not end: it runs to its budget.
-    results = [cut(*r) for r in run([prompt_ids[i] for i, _ in jobs], seeds(0, range(len(jobs))), first_budget,
-                                     "sample", early_stop=marker is None)]
-    forced = [False] * len(jobs)
-    firsts = list(results)  # each output's first pass: the text the model wrote with nothing forced
-    if force:
-        # Every output not yet finished with a response goes on, in one batch: one that stopped or ran
-        # out of thought budget without the marker gets it appended, unless it is one of the last
-        # `sampling.unforced` candidates of its instruction (those stay format failures: the rejected
-        # side of a pair, the paper's rule); one cut off after writing it just continues. A
-        # continuation that overruns its own share of the budget is truncated.
-        forceable = cfg.k - cfg.unforced  # of the recipe's K, so that eval's k=1 is forced as the loop's
-        todo = []
-        for n, ((i, j), (text, n_tokens, ended)) in enumerate(zip(jobs, results)):
-            has_marker = marker in text
-            if (ended and has_marker) or (not has_marker and j >= forceable):
-                continue
-            # a thought cut by its budget ends at its last whole sentence, so the marker follows a sentence
-            thought = text if ended else whole_sentences(text)
-            words = word_count(thought.strip().removeprefix(template.thought_prefix))
-            if not has_marker and words < template.min_words:
-                continue  # too short a thought to force: it stays a format failure
-            head = text if has_marker else thought.rstrip() + "\n\n" + marker + "\n"
-            head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-            if len(head_ids) < cfg.max_new_tokens:
-                todo.append((n, head, head_ids))
-                forced[n] = not has_marker
-        if todo:
-            budget = cfg.max_new_tokens - min(len(h) for _, _, h in todo)
-            tails = run([prompt_ids[jobs[n][0]] + h for n, _, h in todo], seeds(1, [n for n, _, _ in todo]), budget,
-                        "sample (response)", early_stop=True)
-            for (n, head, head_ids), (tail, n_tail, ended) in zip(todo, tails):
-                left = cfg.max_new_tokens - len(head_ids)
-                if n_tail > left:  # over its own budget: cut there, truncated
-                    tail = tokenizer.decode(tokenizer(tail, add_special_tokens=False)["input_ids"][:left])
-                results[n] = cut(head + tail, len(head_ids) + min(n_tail, left), ended and n_tail <= left)
+    with tqdm(total=len(jobs), desc="sample", unit="seq", dynamic_ncols=True, disable=not progress) as bar:
+        outputs = sampler.generate([prompt_ids[i] for i, _ in jobs], max_new_tokens=cfg.max_new_tokens,
+                                   first_tokens=cfg.thought_tokens if force else None, seeds=seeds(0, range(len(jobs))),
+                                   progress=bar.update, stop_ids=stop_ids, blank_ids=blank_ids,
+                                   early_stop=marker is None, extend=go_on)
+    results, forced = [], []
+    for n, (ids, ended) in enumerate(outputs):
+        if n not in heads:
+            results.append(firsts[n])
+            forced.append(False)
+            continue
+        head, n_head, was_forced = heads[n]
+        results.append(cut(head + tokenizer.decode(ids, skip_special_tokens=True), n_head + len(ids), ended))
+        forced.append(was_forced)
+    firsts = [firsts[n] for n in range(len(jobs))]
 
     candidates = []
     for (i, j), (text, n_tokens, ended), was_forced, first in zip(jobs, results, forced, firsts):
@@ -259,10 +259,26 @@ class GenerateSampler:
     def __exit__(self, *exc) -> None:
         pass
 
-    @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, seeds: list[int], progress=None,
-                 stop_ids=(), blank_ids=()) -> list[tuple[list[int], bool]]:
-        """For each prompt, (new token ids without EOS, hit EOS)."""
+                 stop_ids=(), blank_ids=(), early_stop: bool = True, first_tokens: int | None = None,
+                 extend=None) -> list[tuple[list[int], bool]]:
+        """For each prompt, (new token ids without EOS, hit EOS); first_tokens and extend as in engine.Sampler,
+        here as a second batch of the continuations' whole prompts."""
+        results = self._generate(prompt_ids, first_tokens or max_new_tokens, seeds, None if extend else progress)
+        if extend is None:
+            return results
+        more = {i: c for i, out in enumerate(results) if (c := extend(i, *out)) is not None}
+        if progress:
+            progress(len(prompt_ids) - len(more))
+        if more:
+            tails = self._generate([c[0] for c in more.values()], max(c[2] for c in more.values()),
+                                   [c[1] for c in more.values()], progress)
+            for (i, (_, _, limit)), (ids, ended) in zip(more.items(), tails):  # each within its own max_new_tokens
+                results[i] = (ids, ended) if len(ids) < limit else (ids[:limit], False)
+        return results
+
+    @torch.no_grad()
+    def _generate(self, prompt_ids, max_new_tokens, seeds, progress):
         from transformers import LogitsProcessorList
 
         model, eos_token_ids, pad_token_id = self.model, self.eos_token_ids, self.pad_token_id

@@ -183,11 +183,11 @@ def test_continuous_batching_changes_nothing():
 def test_the_tail_steps_only_the_busy_slots(kind):
     """On CPU, once no prompt waits, the running sequences move to the lowest slots and a decode step
     computes only them (a step's time grows with its rows): 40 new tokens with an EOS that ends some
-    sequences early, so rows are compacted at a host sync (every engine.SYNC_EVERY steps). Greedy
+    sequences early, so rows are compacted at a host sync (every engine.SYNC_EVERY["cpu"] steps). Greedy
     tokens stay transformers' own; sampled tokens stay those each prompt draws alone."""
     model = tiny(kind)
     max_new = 40
-    assert max_new > 2 * engine.SYNC_EVERY
+    assert max_new > 2 * engine.SYNC_EVERY["cpu"]
     eos = pick_eos(model, PROMPTS, max_new)
     rows = []  # the batch size of each decode forward (one new token per row)
 
@@ -208,7 +208,7 @@ def test_the_tail_steps_only_the_busy_slots(kind):
     assert rows[0] == 8 and min(rows) < 8 and sum(rows) < 8 * len(rows)
     # a step computes at least the sequences that still need it, and after a sync no more rows than ran
     assert all(r >= still_running[i] for i, r in enumerate(rows))
-    assert all(r <= max(still_running[i - i % engine.SYNC_EVERY], 1) for i, r in enumerate(rows))
+    assert all(r <= max(still_running[i - i % engine.SYNC_EVERY["cpu"]], 1) for i, r in enumerate(rows))
 
     kw = dict(max_new_tokens=max_new, temperature=0.8, top_p=0.95, eos_token_ids=eos)
     seeds = [7 + i for i in range(len(PROMPTS))]
@@ -337,7 +337,7 @@ def test_copies_of_a_prompt_share_one_prefill():
 def test_decode_reads_only_the_filled_columns(monkeypatch):
     """With 16-column blocks, decode attends to 16, 32, ... columns as sequences grow, never the whole
     cache, and greedy tokens still equal generate's (every architecture, a LoRA included)."""
-    monkeypatch.setattr(engine, "KEY_BLOCK", 16)
+    monkeypatch.setitem(engine.KEY_BLOCK, "cpu", 16)
     widths = []
     step = engine._step
     monkeypatch.setattr(engine, "_step", lambda e, n_keys: (widths.append((n_keys, e.cache.n_cols)), step(e, n_keys)))
@@ -364,3 +364,46 @@ def test_leaving_the_block_frees_the_engine():
     assert second() is None and sampler.engine is None
     with pytest.raises(AssertionError, match="closed"):
         sampler.generate(PROMPTS, max_new_tokens=MAX_NEW, seeds=[0] * 8)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "qwen2-lora"])
+def test_a_continuation_goes_on_in_its_slot(kind):
+    """sample.py's forced marker: a first pass of 6 tokens, then `extend` continues each prompt with some of
+    what it wrote (all, all but 2, none) and 2 tokens more. The continuation goes on in its slot, writing
+    only what the cache lacks (no prompt is prefilled twice), and its tokens equal the continuation's
+    prompt sampled afresh by the engine, by transformers' generate (greedy), and by the generate sampler
+    (sampled, T 0.8), with 3 slots refilled mid-run and 8."""
+    from minitpo.sample import GenerateSampler
+
+    model = lora(tiny("qwen2")) if kind == "qwen2-lora" else tiny(kind)
+    first, limit = 6, 9
+
+    def extend_of(firsts):
+        def extend(i, ids, ended):
+            firsts[i] = (ids, ended)
+            if i == 5:
+                return None  # this one is final after its first pass
+            kept = ids if i % 3 == 0 else ids[:-2] if i % 3 == 1 else []
+            return PROMPTS[i] + kept + [40 + i, 41], 500 + i, limit - (i % 2)
+        return extend
+
+    for temperature, top_p in ((0.0, 1.0), (0.8, 0.95)):
+        kw = dict(max_new_tokens=first + 2 + limit, seeds=[100 + i for i in range(len(PROMPTS))], first_tokens=first)
+        for batch_size in (8, 3):
+            firsts = {}
+            with open_engine(model, [], batch_size, temperature, top_p) as sampler:
+                out = sampler.generate(PROMPTS, extend=extend_of(firsts), **kw)
+                assert sampler.engine.prefill_rows == len(PROMPTS)  # continuations were not prefilled
+            assert all(len(ids) == first and not ended for ids, ended in firsts.values()) and len(firsts) == 8
+            assert out[5] == firsts[5]
+            conts = {i: extend_of({})(i, *firsts[i]) for i in range(8) if i != 5}
+            for i, (prompt, seed, n) in conts.items():
+                alone = generate_tokens(model, [prompt], max_new_tokens=n, temperature=temperature, top_p=top_p,
+                                        eos_token_ids=[], batch_size=1, seeds=[seed])[0]
+                assert out[i] == alone and len(alone[0]) == n, (kind, i)
+                if temperature == 0:
+                    assert out[i] == hf_greedy(model, [prompt], [], n)[0]
+        if temperature > 0:
+            cfg = SamplingConfig(temperature=temperature, top_p=top_p, batch_size=3)
+            with GenerateSampler(model, cfg, eos_token_ids=[], pad_token_id=PAD) as hf:
+                assert hf.generate(PROMPTS, extend=extend_of({}), **kw) == out
