@@ -37,6 +37,8 @@ keeps lm_head in bf16 and never targets it). Logit transforms other than softcap
 logit_scale) are not applied, so such configs are refused too.
 """
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -166,6 +168,61 @@ def sequence_logps(
     the iteration trains (M_t): train.py scores the pairs with it under `torch.no_grad()` first.
     """
     _check_masks(input_ids, attention_mask, completion_mask)
+    return _scored_logps(model, input_ids, completion_mask, chunk_size, lambda body: body(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask), use_cache=False,
+    ).last_hidden_state)
+
+
+def shares_prompts(model) -> bool:
+    """pair_logps works for this model: every layer attends fully (a sliding-window layer's cache keeps
+    only its window) and no activation checkpointing (which turns the cache off)."""
+    base = hf_model(model)
+    kinds = getattr(base.config.get_text_config(), "layer_types", None) or ["full_attention"]
+    return set(kinds) == {"full_attention"} and not getattr(base.model, "gradient_checkpointing", False)
+
+
+def pair_logps(
+    model, prompt_ids: Tensor, prompt_mask: Tensor, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """sequence_logps of 2B rows where rows 2b and 2b + 1 (a pair's chosen and rejected sides) continue
+    prompt b: the prompts run once, not twice. A DPO pair's prompt is a third to a half of its tokens.
+        prompt_ids, prompt_mask (B, P): each prompt but its last token, right-padded (at least one token)
+        input_ids, attention_mask, completion_mask (2B, T): the prompt's last token, then the completion,
+            right-padded; completion_mask marks the completion (never position 0)
+    The prompts' K/V (a transformers DynamicCache, in the graph, so gradients reach them from both
+    sides) are repeated for both rows of their pair; the rows attend to their prompt's real tokens and
+    causally to their own, through a 4-D mask, at position ids that continue the prompt's. The same
+    numbers as sequence_logps on the whole rows, up to rounding (tests/test_logps.py). Needs
+    `shares_prompts(model)`."""
+    _check_masks(input_ids, attention_mask, completion_mask)
+    assert prompt_ids.shape == prompt_mask.shape and 2 * prompt_ids.shape[0] == input_ids.shape[0]
+    assert prompt_mask[:, 0].all(), "every prompt needs a token before its last one"
+    from transformers import DynamicCache
+
+    def body_with_cache(body):
+        cache_kw = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+        cache = DynamicCache()
+        body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_position_ids(prompt_mask), use_cache=True,
+             **{cache_kw: cache})
+        cache.batch_repeat_interleave(2)  # rows 2b, 2b + 1 see prompt b
+        seen = prompt_mask.bool().repeat_interleave(2, dim=0)[:, None, :]  # (2B, 1, P)
+        own = torch.tril(torch.ones(input_ids.shape[1], input_ids.shape[1], dtype=torch.bool, device=input_ids.device))
+        own = own & attention_mask.bool()[:, None, :]  # (2B, T, T): causal, real tokens
+        mask = torch.cat([seen.expand(-1, input_ids.shape[1], -1), own], dim=-1)[:, None]  # (2B, 1, T, P + T)
+        if body.config._attn_implementation == "eager":  # eager adds a float mask; sdpa takes bool (True = attend)
+            dtype = body.get_input_embeddings().weight.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        start = prompt_mask.sum(-1).repeat_interleave(2)[:, None]  # (2B, 1): the prompt's tokens before the row's
+        return body(input_ids=input_ids, attention_mask=mask, position_ids=start + _position_ids(attention_mask),
+                    use_cache=True, **{cache_kw: cache}).last_hidden_state
+
+    return _scored_logps(model, input_ids, completion_mask, chunk_size, body_with_cache)
+
+
+def _scored_logps(model, input_ids, completion_mask, chunk_size, run_body):
+    """The summed log-probs (B,) and counts (B,) of the completion tokens, from the final hidden states
+    (B, T, H) that run_body(decoder body) returns."""
     assert chunk_size > 0, f"chunk_size must be positive, got {chunk_size}"
     base = hf_model(model)
     assert hasattr(base, "model"), f"{type(base).__name__} has no decoder body at .model"
@@ -182,12 +239,7 @@ def sequence_logps(
     rows = predicts.flatten().nonzero().squeeze(1)  # (N,)
     targets = input_ids.flatten()[rows + 1]  # (N,)
 
-    hidden = base.model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=_position_ids(attention_mask),
-        use_cache=False,
-    ).last_hidden_state  # (B, T, H), after the final norm
+    hidden = run_body(base.model)  # (B, T, H), after the final norm
     scored_hidden = hidden.flatten(0, 1).index_select(0, rows)  # (N, H); backward is an index_add
     token_logps = _ChunkedTokenLogps.apply(scored_hidden, weight, targets, chunk_size, softcap)  # (N,)
 

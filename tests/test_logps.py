@@ -207,3 +207,70 @@ def test_masks_are_checked():
     bad[1, -1] = 1  # row 1 is 9 tokens long: position 15 is padding
     with pytest.raises(AssertionError, match="padding"):
         sequence_logps(model, input_ids, attention_mask, bad)
+
+
+def random_pairs(n_pairs=3, seed=3):
+    """train.Example pairs of random tokens: prompts of 4-9 tokens, completions of 2-8."""
+    from minitpo.train import Example
+
+    g = torch.Generator().manual_seed(seed)
+
+    def toks(lo, hi):
+        return torch.randint(1, VOCAB, (int(torch.randint(lo, hi + 1, (1,), generator=g)),), generator=g).tolist()
+    return [Example(toks(4, 9), toks(2, 8), toks(2, 8)) for _ in range(n_pairs)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "llama-eager"])
+def test_pair_logps_runs_each_prompt_once_and_matches_whole_rows(family):
+    """pair_logps (a pair's prompt run once, its K/V shared by both sides) gives each row's log-prob as
+    the row alone does (an independent per-sequence loop) and as sequence_logps on the whole padded
+    rows; the gradients of every LoRA weight equal sequence_logps' (prompts of different lengths, so
+    the shared K/V carry padding between prompt and completion)."""
+    from minitpo.logps import pair_logps, shares_prompts
+    from minitpo.train import collate, collate_pairs
+
+    model = tiny_model(family.removesuffix("-eager"))
+    if family.endswith("eager"):
+        model.config._attn_implementation = "eager"
+    model = lora(model)
+    assert shares_prompts(model)
+    pairs = random_pairs()
+    b = len(pairs)
+    whole = collate(pairs, pad_id=0)
+    shared = collate_pairs(pairs, pad_id=0)
+    assert shared[0].shape[1] + shared[2].shape[1] < whole[0].shape[1] + 7  # the prompts are not in the rows
+    rows = [(torch.tensor(e.prompt_ids + c), len(e.prompt_ids)) for e in pairs for c in (e.chosen_ids, e.rejected_ids)]
+    with torch.no_grad():
+        expected = per_sequence_logps(model, rows).float()
+        got, n = pair_logps(model, *shared, chunk_size=3)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    assert n.tolist() == [len(c) for e in pairs for c in (e.chosen_ids, e.rejected_ids)]
+
+    weights = torch.tensor([1.0, -2.0, 0.5, 0.25, -1.0, 3.0])  # per row, as DPO's upstream grads differ
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    grads = []
+    for use_pairs in (False, True):
+        model.zero_grad(set_to_none=True)
+        if use_pairs:
+            logps = pair_logps(model, *shared)[0]  # rows 2b, 2b + 1
+        else:
+            whole_logps = sequence_logps(model, *whole)[0]  # rows b, B + b
+            logps = torch.stack([whole_logps[:b], whole_logps[b:]], dim=1).flatten()
+        (logps * weights).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in params.items()})
+    for name in params:  # fp32 rounding, relative to each gradient's scale (up to ~50 here)
+        scale = grads[0][name].abs().max().item()
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5 * scale, rtol=1e-4, msg=name)
+
+
+def test_shares_prompts_only_where_the_cache_keeps_every_token():
+    """A sliding-window layer (Gemma3) keeps only its window in the cache, and activation checkpointing
+    turns the cache off: there train.py scores whole rows."""
+    from minitpo.logps import shares_prompts
+    from minitpo.model import enable_checkpointing
+
+    assert not shares_prompts(lora(tiny_model("gemma3")))
+    model = lora(tiny_model("llama"))
+    assert shares_prompts(model)
+    enable_checkpointing(model)
+    assert not shares_prompts(model)
