@@ -27,6 +27,8 @@ that dwarfs a 1.5B 4-bit model. `sequence_logps` never builds them:
      saved as (N, H); backward only scales it. With a trainable lm_head, backward recomputes each
      chunk's logits instead. Either way peak memory grows with chunk_size * V, not T * V. Gradients
      flow to the hidden states, hence to the LoRA weights.
+`pair_logps` does the same for DPO's pairs with one forward of each shared prompt: its K/V are repeated
+for the chosen and the rejected row (train.py uses it wherever `shares_prompts`).
 `naive_sequence_logps` is the textbook version, kept as the reference for tests and benchmarks. On one
 H100 (Qwen2.5-1.5B shape, NF4 + LoRA, 8 pairs x 1024 tokens, benchmarks/train_step.py) a DPO step peaked at
 5.3 GiB instead of 30.6 and ran at 1.01x naive's tokens/s (benchmarks/RESULTS.md). At that size the step is

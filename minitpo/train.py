@@ -6,7 +6,9 @@ model at the start of the iteration: `reference_logps` runs it once, without gra
 update, and the numbers travel with the pairs, so no second copy of the model is ever held.
 
 Sequences: prompt + completion (thought + marker + response + EOS); only completion tokens are
-scored. A batch of B pairs is one forward over 2B right-padded rows: chosen rows, then rejected rows.
+scored. A batch of B pairs is one forward over 2B right-padded rows: chosen rows, then rejected rows;
+where the model allows it (logps.shares_prompts), each pair's prompt runs once for both of its rows
+(logps.pair_logps: on the CPU demo a third less compute, the same log-probs up to rounding).
 
 Under torchrun every rank forms the same batches; each runs its `dist.shard` of a batch's pairs, and
 the gradients are summed over the ranks before the update, so train.batch_size is the batch of the
