@@ -173,7 +173,7 @@ class Sampler:
     reuses all of it, the copy's weights refreshed from the policy (its LoRA may have changed since):
     that is where the graphs' capture (~3 s) and the compile (~60 s) pay off, for `minitpo bench`'s
     chunks and a benchmark's timed call after its warm-up. A call of another shape frees the engine
-    and builds anew (sample_candidates' forced responses: another max_new_tokens). Leaving the block
+    and builds anew (another number of slots, longer prompts or another max_new_tokens). Leaving the block
     frees the copy, cache and graphs, so the judge or training that comes next has the memory.
     cuda_graphs / compile (CUDA only) are there to switch the fast paths off when they misbehave."""
 
