@@ -622,7 +622,8 @@ def _run(e, prompt_ids, max_new, seeds, progress, first, early_stop, extend):
             cur = s.cur[torch.tensor(rows, device=s.cur.device)].tolist()
             for b, c, col in zip(rows, conts, cur):
                 left[b], pos[b] = c[2], col
-        ended = [b for b in done if b not in {r for r, _, _ in goes_on}]
+        going = {b for b, _, _ in goes_on}
+        ended = [b for b in done if b not in going]
         if ended:
             idx = torch.tensor(ended, device=s.cur.device)
             for b in ended:

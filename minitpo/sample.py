@@ -8,10 +8,11 @@ output is a parse failure: its response was cut off mid-way).
 With `sampling.force_marker`, the thought gets `sampling.thought_tokens` (default: half of
 `max_new_tokens`): an output that ends, or reaches that, before writing the template's marker gets
 "\n\n" + marker + "\n" appended and is sampled on until its response ends, within the same total
-budget (the fast engine goes on in the output's own slot, writing only the marker's tokens to its cache) (as s1's budget forcing ends a thought, Muennighoff et al. 2025). The newline after the marker
-is measured: SmolLM2 ended its turn right after a bare marker more often (benchmarks/RESULTS.md). Such a candidate is `forced`; DPO then trains on the whole text, marker
-included, so the model can learn to write the marker itself, and the loop records how often it did
-(the natural marker rate).
+budget (as s1's budget forcing ends a thought, Muennighoff et al. 2025); the fast engine goes on in the
+output's own slot, writing only the marker's tokens to its cache. The newline after the marker is
+measured: SmolLM2 ended its turn right after a bare marker more often (benchmarks/RESULTS.md). Such a
+candidate is `forced`; DPO then trains on the whole text, marker included, so the model can learn to
+write the marker itself, and the loop records how often it did (the natural marker rate).
 
 Every candidate samples from its own seed (`candidate_seed`: the run's seed, the instruction's id, the
 candidate's index), so the batch, the engine's slot or the process that draws it never changes it.
@@ -139,7 +140,7 @@ def sample_candidates(model, tokenizer, instructions, template: Template, cfg: S
     force = cfg.force_marker and marker is not None
     forceable = cfg.k - cfg.unforced  # of the recipe's K, so that eval's k=1 is forced as the loop's
     firsts = {}  # each output's first pass: the text the model wrote with nothing forced
-    heads = {}  # output -> (its first pass, marker appended when forced; its tokens) for those that go on
+    heads = {}  # output that goes on -> (its head: the first pass, the marker appended if forced; its tokens; forced?)
 
     def go_on(n, ids, ended):
         """Output n's first pass is done. Every output not yet finished with a response goes on: one that
