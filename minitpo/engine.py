@@ -43,7 +43,6 @@ uniform for its n-th token is the n-th of that seed's stream (`uniform_table`), 
 which slot, batch or process draws a sequence never changes its tokens.
 """
 
-import inspect
 import os
 import warnings
 from collections import deque
@@ -55,7 +54,7 @@ from minitpo.config import SamplingConfig
 from minitpo.dense import build_sampling_model, load_dense_weights
 from minitpo.device import free_memory
 from minitpo.draw import sample_next, uniform_table
-from minitpo.model import attention_head_dim, hf_model
+from minitpo.model import attention_head_dim, cache_kwarg, hf_model, prepared_mask
 
 # decode steps between host syncs; a finished slot idles at most this long. On CUDA a sync drains the queue of
 # kernels; on a CPU it costs nothing, and a finished sequence stops costing rows sooner (the CPU demo's sampling: -13%)
@@ -283,8 +282,7 @@ class Sampler:
                        z(), z(torch.bool))
         cfg = lm.config.get_text_config()
         kinds = frozenset(getattr(cfg, "layer_types", None) or ["full_attention"])
-        cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-        e = _Engine(base, lm, SlotCache(n_slots, n_cols, slots.cur), slots, cache_kw, kinds,
+        e = _Engine(base, lm, SlotCache(n_slots, n_cols, slots.cur), slots, cache_kwarg(lm), kinds,
                     getattr(cfg, "sliding_window", None), float(self.cfg.temperature), float(self.cfg.top_p),
                     self.pad_token_id)
         e.forward = _logits
@@ -405,19 +403,13 @@ def _capture(e):
 def _logits(e, input_ids, position_ids, valid, dist):
     """Last-position fp32 logits (N, V). valid (N, 1, Q, K) bool: causal and in-sequence; dist: query
     position - key position, broadcastable to valid, for the sliding-window layers."""
-    def as_mask(m):  # sdpa takes bool (True = attend); eager adds a float mask
-        if e.lm.config._attn_implementation != "eager":
-            return m
-        dtype = e.lm.get_input_embeddings().weight.dtype
-        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, torch.finfo(dtype).min)
-
     sliding = valid & (dist < e.window) if e.window else valid  # HF: key > query - window
     if "sliding_attention" not in e.layer_kinds:
-        mask = as_mask(valid)
+        mask = prepared_mask(e.lm, valid)
     elif "full_attention" not in e.layer_kinds:
-        mask = as_mask(sliding)
+        mask = prepared_mask(e.lm, sliding)
     else:  # mixed layers (Gemma3): HF takes a dict of prepared masks keyed by layer type
-        mask = {"full_attention": as_mask(valid), "sliding_attention": as_mask(sliding)}
+        mask = {"full_attention": prepared_mask(e.lm, valid), "sliding_attention": prepared_mask(e.lm, sliding)}
     out = e.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                logits_to_keep=1, **{e.cache_kw: e.cache})
     return out.logits[:, -1].float()  # fp32, as generate samples
@@ -602,7 +594,8 @@ def _run(e, prompt_ids, max_new, seeds, progress, first, early_stop, extend):
             continue
         idx = torch.tensor(done, device=s.cur.device)
         outs, n_gen, eos = s.out[idx].tolist(), s.n_gen[idx].tolist(), s.eos_hit[idx].tolist()
-        held = (s.cur[idx] - s.start[idx] + 1).tolist()  # tokens whose K/V the slot holds: prompt + ids, less the last drawn
+        start = s.start[idx].tolist()
+        held = [c - a + 1 for c, a in zip(s.cur[idx].tolist(), start)]  # tokens in the cache: prompt + ids, less the last drawn
         goes_on = []  # (slot, its continuation)
         for j, b in enumerate(done):
             i, out = owner[b], (outs[j][: n_gen[j]], eos[j])
@@ -613,16 +606,15 @@ def _run(e, prompt_ids, max_new, seeds, progress, first, early_stop, extend):
             else:
                 assert len(more[0]) + more[2] <= len(prompt_ids[i]) + max_new, \
                     "a continuation's prompt + max_new_tokens must fit in its prompt's + max_new_tokens"
-                goes_on.append((b, more, _common_prefix((prompt_ids[i] + out[0])[: held[j]], more[0])))
+                goes_on.append((b, more, _common_prefix((prompt_ids[i] + out[0])[: held[j]], more[0]), start[j]))
         if goes_on:
-            rows = [b for b, _, _ in goes_on]
-            conts = [c for _, c, _ in goes_on]
-            keep = [min(n, len(c[0]) - 1) for _, c, n in goes_on]  # the last token is the decode step's input
+            rows = [b for b, *_ in goes_on]
+            conts = [c for _, c, *_ in goes_on]
+            keep = [min(n, len(c[0]) - 1) for _, c, n, _ in goes_on]  # the last token is the decode step's input
             _continue(e, rows, keep, [c[0] for c in conts], draws([c[1] for c in conts]), [c[2] for c in conts])
-            cur = s.cur[torch.tensor(rows, device=s.cur.device)].tolist()
-            for b, c, col in zip(rows, conts, cur):
-                left[b], pos[b] = c[2], col
-        going = {b for b, _, _ in goes_on}
+            for b, c, _, a in goes_on:  # the slot's next input sits at start + len(prompt) - 1, as _continue put it
+                left[b], pos[b] = c[2], a + len(c[0]) - 1
+        going = {b for b, *_ in goes_on}
         ended = [b for b in done if b not in going]
         if ended:
             idx = torch.tensor(ended, device=s.cur.device)

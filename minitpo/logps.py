@@ -39,12 +39,10 @@ keeps lm_head in bf16 and never targets it). Logit transforms other than softcap
 logit_scale) are not applied, so such configs are refused too.
 """
 
-import inspect
-
 import torch
 from torch import Tensor
 
-from minitpo.model import hf_model
+from minitpo.model import cache_kwarg, hf_model, prepared_mask
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -203,7 +201,7 @@ def pair_logps(
     from transformers import DynamicCache
 
     def body_with_cache(body):
-        cache_kw = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+        cache_kw = cache_kwarg(body)
         cache = DynamicCache()
         body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_position_ids(prompt_mask), use_cache=True,
              **{cache_kw: cache})
@@ -212,9 +210,7 @@ def pair_logps(
         own = torch.tril(torch.ones(input_ids.shape[1], input_ids.shape[1], dtype=torch.bool, device=input_ids.device))
         own = own & attention_mask.bool()[:, None, :]  # (2B, T, T): causal, real tokens
         mask = torch.cat([seen.expand(-1, input_ids.shape[1], -1), own], dim=-1)[:, None]  # (2B, 1, T, P + T)
-        if body.config._attn_implementation == "eager":  # eager adds a float mask; sdpa takes bool (True = attend)
-            dtype = body.get_input_embeddings().weight.dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        mask = prepared_mask(body, mask)
         start = prompt_mask.sum(-1).repeat_interleave(2)[:, None]  # (2B, 1): the prompt's tokens before the row's
         return body(input_ids=input_ids, attention_mask=mask, position_ids=start + _position_ids(attention_mask),
                     use_cache=True, **{cache_kw: cache}).last_hidden_state

@@ -7,6 +7,7 @@ model before training (see train.py), so only one copy of the base ever sits in 
 """
 
 import hashlib
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -107,6 +108,21 @@ def load_policy(cfg: PolicyConfig, adapter_dir: str | Path | None = None, device
 def hf_model(model):
     """The transformers model inside a peft PeftModel (its LoRA layers stay injected), or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def cache_kwarg(module) -> str:
+    """The name under which a transformers forward takes its KV cache: "cache" (transformers 5.2x) or
+    "past_key_values"."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def prepared_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """A prepared 4-D attention mask for `model`'s attention from `allowed` (bool, True = attend): sdpa
+    takes it as is, eager adds a float mask (0 or the dtype's minimum)."""
+    if model.config._attn_implementation != "eager":
+        return allowed
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def enable_checkpointing(model) -> None:
